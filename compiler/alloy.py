@@ -1,0 +1,157 @@
+"""Reading forge-alloy recipes: parse, check the name, validate against schema/, and turn the JSON
+into the few facts the planner needs. Every refusal names the file and the JSON path."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import ForgeError
+from .paths import SCHEMA_DIR
+
+# Stage types this compiler turns into build steps. forge-alloy knows more (eval, publish, prune,
+# train...); an alloy that asks for one of those is refused rather than silently half-built.
+SUPPORTED_STAGES = ("source-config", "modality", "quant")
+ALLOY_SUFFIX = ".alloy.json"
+
+
+@dataclass(frozen=True)
+class Alloy:
+    name: str
+    path: Path
+    data: dict
+    alloy_hash: str  # sha256 of the recipe's canonical JSON, as forge-alloy's receipt.alloyHash
+
+    @property
+    def tier(self) -> str:
+        return self.data.get("tier", "m4")
+
+    @property
+    def source(self) -> dict:
+        return self.data["source"]
+
+    def stage(self, kind: str) -> dict:
+        for s in self.data["stages"]:
+            if s["type"] == kind:
+                return s
+        return {}
+
+    @property
+    def quant_types(self) -> list[str]:
+        return list(self.stage("quant").get("quantTypes", []))
+
+    @property
+    def convert_type(self) -> str | None:
+        return self.stage("quant").get("convertType")
+
+    @property
+    def projector_type(self) -> str | None:
+        return self.stage("quant").get("projectorType")
+
+    @property
+    def vision(self) -> bool:
+        modality = self.stage("modality")
+        return "vision" in modality.get("modalities", ["text", "vision"])
+
+    @property
+    def allow_patterns(self) -> list[str] | None:
+        return self.stage("source-config").get("allowPatterns")
+
+
+def canonical_json(obj) -> bytes:
+    """forge-alloy's canonical form: sorted keys, no spaces."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@lru_cache(maxsize=None)
+def _validator(schema_name: str):
+    import jsonschema
+
+    schema = json.loads((SCHEMA_DIR / schema_name).read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def validate(instance, schema_name: str, where: str) -> None:
+    """Validate against schema/<schema_name>; the error names the JSON path and what is allowed."""
+    import jsonschema
+
+    validator = _validator(schema_name)
+    errors = list(validator.iter_errors(instance))
+    if not errors:
+        return
+    err = jsonschema.exceptions.best_match(errors)
+    # Descend to the most specific error inside if/then branches.
+    while err.context:
+        err = jsonschema.exceptions.best_match(err.context)
+    allowed = None
+    if err.validator == "enum":
+        allowed = list(err.validator_value)
+    elif err.validator == "const":
+        allowed = [err.validator_value]
+    elif err.validator == "pattern":
+        allowed = f"strings matching {err.validator_value}"
+    elif err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+    found = json.dumps(err.instance)[:200] if err.validator not in ("required", "additionalProperties") else None
+    raise ForgeError(
+        f"schema violation at {err.json_path}: {err.message}",
+        where=where, found=found, allowed=allowed,
+    )
+
+
+def check_name(name: str, where: str) -> None:
+    if not isinstance(name, str) or "/" in name or "\\" in name or ".." in name or name.startswith("."):
+        raise ForgeError(
+            "alloy name must be a plain file-name stem (it names build folders and published files)",
+            where=f"{where} $.name", found=json.dumps(name),
+            allowed="letters, digits, '.', '_', '-'; no path separators, no '..'",
+        )
+
+
+def load(path: Path) -> Alloy:
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ForgeError("alloy file not found", where=where)
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ForgeError(f"alloy is not UTF-8 text (byte {e.start})", where=where) from None
+    except json.JSONDecodeError as e:
+        raise ForgeError(f"malformed JSON: {e.msg}", where=f"{where}:{e.lineno}:{e.colno}") from None
+    if not isinstance(data, dict):
+        raise ForgeError("an alloy is a JSON object", where=f"{where} $", found=type(data).__name__)
+    if "name" in data:
+        check_name(data["name"], where)
+    validate(data, "alloy.schema.json", where)
+    expected = path.name[: -len(ALLOY_SUFFIX)] if path.name.endswith(ALLOY_SUFFIX) else None
+    if expected != data["name"]:
+        raise ForgeError(
+            "alloy file name and $.name disagree", where=f"{where} $.name",
+            found=data["name"], allowed=f"{data['name']}{ALLOY_SUFFIX} as the file name",
+        )
+    for i, stage in enumerate(data["stages"]):
+        if stage["type"] not in SUPPORTED_STAGES:
+            raise ForgeError(
+                f"stage type {stage['type']!r} is not one this compiler runs",
+                where=f"{where} $.stages[{i}].type", found=stage["type"], allowed=list(SUPPORTED_STAGES),
+            )
+    if sum(1 for s in data["stages"] if s["type"] == "quant") != 1:
+        raise ForgeError("an alloy needs exactly one quant stage", where=f"{where} $.stages")
+    recipe = {k: v for k, v in data.items() if k != "results"}
+    digest = "sha256:" + hashlib.sha256(canonical_json(recipe)).hexdigest()
+    return Alloy(name=data["name"], path=path, data=recipe, alloy_hash=digest)
+
+
+def load_dir(directory: Path) -> list[Alloy]:
+    """Every *.alloy.json in the folder, sorted by name; refuses duplicate names."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ForgeError("alloys folder not found", where=str(directory))
+    alloys = [load(p) for p in sorted(directory.glob(f"*{ALLOY_SUFFIX}"))]
+    return alloys

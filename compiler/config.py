@@ -1,0 +1,98 @@
+"""Composing conf/ with Hydra: the alloy's own tier and quant first, then the command line's
+overrides. Errors from Hydra are turned into refusals that name the override and list the choices.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from omegaconf import OmegaConf
+
+from .errors import ForgeError
+from .paths import CONF_DIR
+
+GROUPS = ("tier", "quant", "backend", "sensory")
+# Command-line variables that select alloys rather than override configuration.
+SELECTORS = ("alloy",)
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@lru_cache(maxsize=None)
+def aliases() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "aliases.yaml"))
+
+
+def resolve_quant(name: str, where: str) -> str:
+    """A conf/quant name from a conf name, an alias (`iq3`) or a llama.cpp type (`IQ3_M`)."""
+    key = name.strip().lower()
+    key = aliases()["quant"].get(key, key)
+    if key not in choices("quant"):
+        raise ForgeError(
+            f"unknown quant {name!r}", where=where, found=name,
+            allowed=choices("quant") + [f"{a} (= {t})" for a, t in aliases()["quant"].items()],
+        )
+    return key
+
+
+def parse_overrides(pairs: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Split doit's command-line variables into selectors and canonical Hydra overrides.
+
+    Returns (selectors, overrides); overrides are `key=value` strings with quant aliases resolved
+    and group names checked, sorted so that the same request always keys the same variant."""
+    selectors, overrides = {}, []
+    for key, value in pairs.items():
+        if key in SELECTORS:
+            selectors[key] = value
+            continue
+        bare = key.lstrip("+~")
+        if bare == "quant":
+            value = resolve_quant(value, where=f"override quant={value}")
+        elif bare in GROUPS and value not in choices(bare):
+            raise ForgeError(
+                f"unknown {bare} {value!r}", where=f"override {key}={value}", found=value, allowed=choices(bare)
+            )
+        if not re.fullmatch(r"[+~]{0,2}[A-Za-z_][A-Za-z0-9_.]*", key):
+            raise ForgeError("not a configuration key", where=f"override {key}={value}", found=key,
+                             allowed="a group (tier, quant, backend, sensory) or a dotted key such as tier.n_seq_max")
+        overrides.append(f"{key}={value}")
+    return selectors, sorted(overrides)
+
+
+@lru_cache(maxsize=None)
+def _compose_cached(overrides: tuple[str, ...]) -> str:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    # Initialise Hydra once per process (the costly part) and keep it for every composition.
+    if not GlobalHydra.instance().is_initialized():
+        initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3")
+    try:
+        cfg = compose(config_name="config", overrides=list(overrides))
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        cause = e.__cause__
+        if cause is not None and str(cause):
+            msg = f"{msg} ({str(cause).splitlines()[0]})"
+        raise ForgeError(f"configuration does not compose: {msg}", where="overrides " + " ".join(overrides),
+                         allowed=f"groups {', '.join(GROUPS)}; keys present in conf/") from None
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def compose(tier: str, quant: str, overrides: list[str]) -> dict:
+    """The resolved configuration for one variant, as plain data.
+
+    The alloy's tier and quant come first and the command line's overrides after (Hydra: later
+    wins). A tier names its default backend; unless `backend=` is given, a second composition puts
+    it in place (compositions are cached, so this costs once per tier)."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    base = [b for b in (f"tier={tier}", f"quant={quant}") if b.split("=", 1)[0] not in given]
+    cfg = OmegaConf.to_container(OmegaConf.create(_compose_cached(tuple(base + list(overrides)))))
+    if "backend" not in given and cfg["backend"]["name"] != cfg["tier"]["backend_default"]:
+        base.append(f"backend={cfg['tier']['backend_default']}")
+        cfg = OmegaConf.to_container(OmegaConf.create(_compose_cached(tuple(base + list(overrides)))))
+    return cfg

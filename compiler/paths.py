@@ -1,0 +1,40 @@
+"""Where things live. Everything the build writes is under build/ (or FORGE_BUILD_DIR); the
+toolchain cache (archives, the binding's wheel, built CLI tools) is keyed by content and shared
+between checkouts under FORGE_CACHE (default ~/.cache/forge)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+SCHEMA_DIR = ROOT / "schema"
+VENDOR_DIR = ROOT / "vendor" / "llama.cpp"
+
+
+def alloys_dir() -> Path:
+    return Path(os.environ.get("FORGE_ALLOYS_DIR", ROOT / "alloys"))
+
+
+def build_dir() -> Path:
+    return Path(os.environ.get("FORGE_BUILD_DIR", ROOT / "build"))
+
+
+def store_dir() -> Path:
+    return build_dir() / "store"
+
+
+def variants_dir() -> Path:
+    return build_dir() / "variants"
+
+
+def state_dir() -> Path:
+    return build_dir() / ".forge"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FORGE_CACHE", Path.home() / ".cache" / "forge"))
+
+
+def lock_path() -> Path:
+    return alloys_dir() / "forge.lock.json"

@@ -1,0 +1,41 @@
+"""convert / mmproj: the vendored convert_hf_to_gguf.py turns the checkpoint into the reference text
+GGUF (bf16 or f16) or, with --mmproj, the vision projector GGUF (f16)."""
+from __future__ import annotations
+
+import json
+
+from .. import ggufcheck
+from ..errors import ForgeError
+from ..runlog import python
+from ..toolchain import VENDOR_DIR, converter
+from .source import checkpoint_dir
+
+
+def run(step, out, inputs, log, ctx):
+    script = converter()
+    if not script.is_file():
+        raise ForgeError("the converter is missing: vendor/llama.cpp is not unpacked", where=str(script),
+                         hint="run `python3 scripts/bootstrap.py`")
+    src = checkpoint_dir(inputs["source"])
+    config = json.loads((src / "config.json").read_text())
+    outtype = step.params["outtype"]
+    cmd = [python(), script, src, "--outtype", outtype, "--model-name", step.params["model_name"]]
+    if step.kind == "mmproj":
+        name = f"mmproj-{outtype.upper()}.gguf"
+        cmd += ["--mmproj"]
+        what = f"convert the vision projector to {outtype.upper()}"
+        if "vision_config" not in config:
+            raise ForgeError("the checkpoint has no vision_config: nothing to build a projector from",
+                             where=str(src / "config.json"), hint="drop 'vision' from the alloy's modality stage")
+    else:
+        name = f"model-{outtype.upper()}.gguf"
+        what = f"convert the text model to {outtype.upper()}"
+        # Qwen3.5 checkpoints may carry a multi-token-prediction head; without one in the config the
+        # converter must be told so (FACTS.md, "Converting a Qwen3.5 checkpoint").
+        if "mtp_num_hidden_layers" not in config.get("text_config", config):
+            cmd += ["--no-mtp"]
+    cmd += ["--outfile", out.path(name)]
+    # The converter prefers the gguf-py beside it: the same pinned source as everything else.
+    log.run(cmd, what, env={"PYTHONUNBUFFERED": "1"}, cwd=VENDOR_DIR)
+    summary = ggufcheck.check(out.path(name), what=f"converted {step.kind} GGUF")
+    log(f"{name}: {summary['tensors']} tensors, {summary['size'] / 2**20:.1f} MiB")

@@ -1,0 +1,66 @@
+"""receipt: the executed alloy -- the recipe plus forge-alloy `results` (integrity: code, modelHash,
+fileHashes; receipt: alloyHash, issuedAt) -- written per variant. The files it lists carry the
+names published repos use (`<name>-<QUANT>.gguf`, `mmproj-<name>-<TYPE>.gguf`)."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+
+from .. import __version__
+from ..alloy import canonical_json
+from ..toolchain import ARCHIVE_SHA256, LLAMA_CPP_COMMIT, tools_manifest
+
+
+def model_hash(file_hashes: list[dict]) -> str:
+    """forge-alloy's modelHash: sha256 of the canonical JSON of [{filename, sha256}] sorted by
+    filename; sizes stay in fileHashes but are not hashed."""
+    pairs = sorted(({"filename": f["filename"], "sha256": f["sha256"]} for f in file_hashes),
+                   key=lambda f: f["filename"])
+    return "sha256:" + hashlib.sha256(canonical_json(pairs)).hexdigest()
+
+
+def file_hashes(variant, inputs) -> list[dict]:
+    out = []
+    for role, name in (("text", variant.text_filename), ("mmproj", variant.mmproj_filename)):
+        if role in inputs:
+            f = inputs[role].manifest()["files"][0]
+            out.append({"filename": name, "sha256": f["sha256"], "size": f["size"]})
+    return out
+
+
+def run(step, out, inputs, log, ctx):
+    variant = ctx["variant"]
+    files = file_hashes(variant, inputs)
+    tools = json.loads(tools_manifest(ctx["toolchain"]).read_text())["tools"]
+    executed = json.loads(json.dumps(variant.alloy.data))
+    executed["results"] = {
+        "integrity": {
+            "code": {
+                "runner": "forge-compiler",
+                "version": __version__,
+                "binaryHash": "sha256:" + tools["llama-quantize"]["sha256"],
+                "sourceHash": "sha256:" + ARCHIVE_SHA256,
+                "commit": LLAMA_CPP_COMMIT,
+            },
+            "modelHash": model_hash(files),
+            "fileHashes": files,
+            "datasets": [],
+        },
+        "receipt": {
+            "alloyHash": variant.alloy.alloy_hash,
+            "issuedAt": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        },
+        "forge": {
+            "variant": variant.id,
+            "tier": variant.config["tier"]["name"],
+            "quant": variant.llama_type,
+            "backend": variant.config["backend"]["name"],
+            "overrides": variant.overrides,
+            "toolchain": ctx["toolchain"],
+            "keys": {role: s.key for role, s in variant.steps.items() if role != "receipt"},
+        },
+    }
+    path = out.path(f"{variant.alloy.name}.alloy.json")
+    path.write_text(json.dumps(executed, indent=2) + "\n")
+    log(f"modelHash {executed['results']['integrity']['modelHash']}")

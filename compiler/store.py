@@ -1,0 +1,235 @@
+"""The content-addressed store: build/store/<kind>/<key>/ holds one step's outputs and manifest.
+
+A step writes into a fresh `<key>.partial-*` folder and renames it into place when every output
+and the manifest are written, so a killed build leaves nothing that looks finished (DESIGN.md rule
+3). Files are hashed once, when written; afterwards a stat cache (size, mtime, inode) answers
+"is it still what the manifest says?" without reading weights (rule 4). The counters below show it:
+a no-op run hashes zero bytes.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ForgeError
+from .paths import state_dir, store_dir
+
+MANIFEST = "manifest.json"
+COUNTERS = {"hashed_bytes": 0, "hashed_files": 0, "stat_hits": 0}
+_lock = threading.Lock()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            n += len(block)
+    with _lock:
+        COUNTERS["hashed_bytes"] += n
+        COUNTERS["hashed_files"] += 1
+    return h.hexdigest()
+
+
+def _stat_key(st: os.stat_result) -> list:
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+class StatCache:
+    """path -> (size, mtime_ns, inode, sha256), persisted in build/.forge/statcache.json."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.dirty = False
+        try:
+            self.entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def sha256(self, file: Path) -> str:
+        file = Path(file)
+        st = file.stat()
+        key = str(file.resolve())
+        hit = self.entries.get(key)
+        if hit and hit[:3] == _stat_key(st):
+            with _lock:
+                COUNTERS["stat_hits"] += 1
+            return hit[3]
+        digest = sha256_file(file)
+        self.entries[key] = _stat_key(st) + [digest]
+        self.dirty = True
+        return digest
+
+    def remember(self, file: Path, digest: str) -> None:
+        self.entries[str(Path(file).resolve())] = _stat_key(Path(file).stat()) + [digest]
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.entries, sort_keys=True))
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+_STAT_CACHE: StatCache | None = None
+
+
+def stat_cache() -> StatCache:
+    global _STAT_CACHE
+    want = state_dir() / "statcache.json"
+    if _STAT_CACHE is None or _STAT_CACHE.path != want:
+        _STAT_CACHE = StatCache(want)
+    return _STAT_CACHE
+
+
+def _write_run_stats() -> None:
+    """Leave this process's counters where a person (or a test) can read them."""
+    try:
+        if _STAT_CACHE is not None:
+            _STAT_CACHE.save()
+        if os.environ.get("FORGE_STATS"):
+            with open(os.environ["FORGE_STATS"], "a") as f:
+                f.write(json.dumps(COUNTERS, sort_keys=True) + "\n")
+    except OSError:
+        pass
+
+
+atexit.register(_write_run_stats)
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    key: str
+
+    @property
+    def dir(self) -> Path:
+        return store_dir() / self.kind / self.key
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST
+
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text())
+
+    def file(self, name: str) -> Path:
+        return self.dir / name
+
+    def is_complete(self, deep: bool = False) -> bool:
+        """The manifest exists and every output still has its recorded size and hash.
+
+        Shallow: size plus the stat cache (a file whose size, mtime and inode are unchanged is not
+        read). Deep: every byte re-read (the cache check)."""
+        try:
+            manifest = self.manifest()
+        except (OSError, ValueError):
+            return False
+        cache = stat_cache()
+        for f in manifest.get("files", []):
+            path = self.dir / f["filename"]
+            try:
+                if path.stat().st_size != f["size"]:
+                    return False
+            except OSError:
+                return False
+            digest = sha256_file(path) if deep else cache.sha256(path)
+            if digest != f["sha256"]:
+                return False
+        return True
+
+    def problems(self) -> list[str]:
+        """What is wrong with this entry, read byte for byte; empty when it is sound."""
+        try:
+            manifest = self.manifest()
+        except (OSError, ValueError) as e:
+            return [f"{self.manifest_path}: unreadable manifest ({e})"]
+        out = []
+        for f in manifest.get("files", []):
+            path = self.dir / f["filename"]
+            if not path.is_file():
+                out.append(f"{path}: missing")
+                continue
+            size = path.stat().st_size
+            if size != f["size"]:
+                out.append(f"{path}: size {size}, manifest says {f['size']}")
+                continue
+            digest = sha256_file(path)
+            if digest != f["sha256"]:
+                out.append(f"{path}: sha256 {digest[:16]}..., manifest says {f['sha256'][:16]}...")
+        return out
+
+
+class Writer:
+    """Collects one step's outputs in a partial folder and commits them atomically.
+
+        with Writer(entry, params=..., inputs=...) as w:
+            run_tool(output=w.path("model-Q4_K_M.gguf"))
+        # renamed into place with its manifest, or removed if the body raised
+    """
+
+    def __init__(self, entry: Entry, params: dict, inputs: dict):
+        self.entry = entry
+        self.params = params
+        self.inputs = inputs
+        self.extra: dict = {}
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> "Writer":
+        parent = self.entry.dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a killed run of this same step are garbage: remove them first.
+        for stale in parent.glob(self.entry.key + ".partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=self.entry.key + ".partial-", dir=parent))
+        return self
+
+    def path(self, name: str) -> Path:
+        assert self.tmp is not None
+        return self.tmp / name
+
+    def __exit__(self, exc_type, exc, tb):
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        files = []
+        cache = stat_cache()
+        for p in sorted(self.tmp.iterdir()):
+            if p.name == MANIFEST or not p.is_file() or p.name.endswith(".log"):
+                continue
+            digest = sha256_file(p)
+            files.append({"filename": p.name, "sha256": digest, "size": p.stat().st_size})
+        manifest = {"kind": self.entry.kind, "key": self.entry.key, "params": self.params,
+                    "inputs": self.inputs, "files": files, **self.extra}
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if self.entry.dir.exists():
+            # Only reached when a previous entry failed its check: replace it as a whole.
+            shutil.rmtree(self.entry.dir)
+        os.replace(self.tmp, self.entry.dir)
+        for f in files:
+            cache.remember(self.entry.dir / f["filename"], f["sha256"])
+        cache.save()
+        return False
+
+
+def require(entry: Entry, what: str) -> dict:
+    """The manifest of an input step, refusing to use an entry that is not sound."""
+    if not entry.is_complete():
+        raise ForgeError(f"{what} is missing or damaged in the store", where=str(entry.dir),
+                         hint="rerun `doit`; it rebuilds what is damaged")
+    return entry.manifest()
