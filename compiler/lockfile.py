@@ -49,11 +49,11 @@ def read() -> dict:
     return data
 
 
-def update(plan) -> tuple[dict, bool]:
-    """Merge this plan's finished variants into the lock; returns (lock, changed)."""
+def update(plan, variants) -> tuple[dict, bool]:
+    """Merge these finished variants into the lock; returns (lock, changed)."""
     lock = read()
     before = json.dumps(lock, sort_keys=True)
-    for v in plan.variants:
+    for v in variants:
         if Entry(v.steps["receipt"].kind, v.steps["receipt"].key).is_complete():
             lock["variants"][v.id] = entry_for(plan, v)
     lock["variants"] = dict(sorted(lock["variants"].items()))

@@ -54,22 +54,23 @@ def step_task(plan, step) -> dict:
     }
 
 
-def lock_task(plan) -> dict:
-    receipts = [str(Entry(v.steps["receipt"].kind, v.steps["receipt"].key).manifest_path) for v in plan.variants]
+def lock_task(plan, variant) -> dict:
+    """One lock task per variant, depending on that variant's receipt alone, so that which other
+    variants a command line selects never makes it stale."""
+    receipt = Entry(variant.steps["receipt"].kind, variant.steps["receipt"].key)
 
     def write_lock():
-        lock, changed = lockfile.update(plan)
-        print(f"  lock: {'updated' if changed else 'unchanged'}, {len(lock['variants'])} variants recorded")
-        print("\nBuilt:")
-        for v in plan.variants:
-            for line in execute.describe(plan, v):
-                print("  " + line)
+        lock, changed = lockfile.update(plan, [variant])
+        print(f"  lock:{variant.id}: {'updated' if changed else 'unchanged'} in alloys/forge.lock.json")
+        for line in execute.describe(plan, variant):
+            print("  " + line)
 
     return {
         "basename": "lock",
-        "doc": "record what the selected variants produced in alloys/forge.lock.json",
+        "name": variant.id,
+        "doc": f"record what {variant.id} produced in the lock",
         "actions": [(_guarded, [write_lock])],
-        "file_dep": receipts,
+        "file_dep": [str(receipt.manifest_path)],
         "verbosity": 2,
     }
 
@@ -84,4 +85,6 @@ def tasks(plan):
         yield {"basename": basename, "name": None, "doc": f"every {basename} step"}
         for step in steps:
             yield step_task(plan, step)
-    yield lock_task(plan)
+    yield {"basename": "lock", "name": None, "doc": "record every selected variant in the lock"}
+    for variant in plan.variants:
+        yield lock_task(plan, variant)

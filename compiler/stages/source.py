@@ -50,8 +50,10 @@ def _download(step, out, log, ctx):
                                 where=f"alloy {ctx['alloys']}") from None
     except RevisionNotFoundError:
         raise SourceUnreachable(f"source {label}: no such revision", where=f"alloy {ctx['alloys']}") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
-        reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError, Exception) as e:
+        # huggingface_hub's HTTP stack raises its transport's own errors (connect, DNS, TLS,
+        # timeouts) for a missing network; any of them means the source is out of reach.
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
         raise SourceUnreachable(f"source {label} cannot be reached (no network?): {reason}",
                                 where=f"alloy {ctx['alloys']}") from None
     # huggingface_hub keeps its own bookkeeping under .cache/ in local_dir: not part of the model.
