@@ -11,13 +11,15 @@ from pathlib import Path
 from .errors import ForgeError
 from .paths import build_dir, variants_dir
 from .runlog import StepLog
-from .stages import convert, quantize, receipt, source
+from .stages import convert, gate, imatrix, quantize, receipt, source
 from .store import Entry, Writer, require
 
 STAGES = {
     "synthetic": source, "hub": source, "local": source,
     "convert": convert, "mmproj": convert,
     "quantize": quantize, "mmproj-quantize": quantize,
+    "imatrix": imatrix,
+    "kld-base": gate, "gate": gate,
     "receipt": receipt,
 }
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from . import alloy as alloys_mod
 from . import plan as plan_mod
 from .config import parse_overrides
-from .paths import alloys_dir
+from .errors import ForgeError
+from .paths import alloys_dir, project_file
 from .stages.source import local_identity
 from .store import stat_cache
 from .toolchain import fingerprint
@@ -25,5 +26,26 @@ def compile_graph(cli_vars: dict) -> plan_mod.Plan:
     alloys = alloys_mod.load_dir(alloys_dir())
     chosen, _ = plan_mod.select_alloys(alloys, selectors, overrides)
     result = plan_mod.plan(alloys, selectors, overrides, fingerprint(), source_ids(chosen))
+    check_texts(result)
     stat_cache().save()
     return result
+
+
+def check_texts(plan) -> None:
+    """Calibration and held-out texts must be the bytes their recipe pinned (stat-cached sha256)."""
+    for step in plan.steps.values():
+        if step.kind == "imatrix":
+            name, digest = step.params["corpus"], step.params["corpus_sha256"]
+            users = sorted({str(v.alloy.path) for v in plan.variants if v.steps.get("imatrix") is step})
+            where, what = f"{', '.join(users)} $.stages[quant].calibration", "calibration corpus"
+        elif step.kind == "kld-base":
+            name, digest = step.params["file"], step.params["sha256"]
+            where, what = "conf gate.heldout / gate.heldout_sha256", "held-out text"
+        else:
+            continue
+        path = project_file(name)
+        if not path.is_file():
+            raise ForgeError(f"{what} not found", where=where, found=str(path))
+        got = stat_cache().sha256(path)
+        if got != digest:
+            raise ForgeError(f"{what} {name} does not match its pinned sha256", where=where, found=got, allowed=digest)

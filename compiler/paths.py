@@ -38,3 +38,9 @@ def cache_dir() -> Path:
 
 def lock_path() -> Path:
     return alloys_dir() / "forge.lock.json"
+
+
+def project_file(path: str) -> Path:
+    """A project-owned input (calibration and held-out text): absolute, or relative to the root."""
+    p = Path(path)
+    return p if p.is_absolute() else ROOT / p

@@ -53,13 +53,14 @@ class Variant:
     alloy: Alloy
     quant: str              # conf/quant name
     llama_type: str
+    label: str              # published quant label: the llama type, or a named variant (Q4_K_L)
     overrides: list
     config: dict
     steps: dict = field(default_factory=dict)  # role -> Step
 
     @property
     def text_filename(self) -> str:
-        return f"{self.alloy.name}-{self.llama_type}.gguf"
+        return f"{self.alloy.name}-{self.label}.gguf"
 
     @property
     def mmproj_filename(self) -> str | None:
@@ -159,6 +160,14 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: 
         return step
 
     quant_override = next((o.split("=", 1)[1] for o in overrides if o.startswith("quant=")), None)
+    explicit = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+    def pick(alloy_value, cfg_value, key):
+        """Command line over alloy over conf: an alloy's own setting wins over conf defaults,
+        an override typed on the command line wins over both."""
+        if key in explicit or alloy_value is None:
+            return cfg_value
+        return alloy_value
     for alloy in chosen:
         where = str(alloy.path)
         quants = [quant_override] if quant_override else [
@@ -170,31 +179,55 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: 
         for quant in quants:
             cfg = compose(alloy.tier, quant, [o for o in overrides if not o.startswith("quant=")])
             q = cfg["quant"]
-            if q["imatrix"] == "required":
+            if q["imatrix"] == "required" and not alloy.stage("quant").get("calibration"):
                 raise ForgeError(
                     f"{q['llama_type']} needs an importance matrix and this alloy names no calibration corpus",
                     where=f"{where} (quant {quant})", found=q["llama_type"],
                     allowed=[c for c in ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m",
                                          "q3_k_s", "q2_k")],
-                    hint=f"{q['imatrix_why']}; the imatrix stage (issue #3) makes these types buildable",
+                    hint=f"{q['imatrix_why']}; name one in the quant stage: \"calibration\": "
+                         f"{{\"file\": \"calibration/forge-calibration-v1.txt\", \"sha256\": \"...\"}}",
                 )
             vid = variant_id(alloy, quant, overrides)
-            outtype = alloy.convert_type or cfg["convert"]["outtype"]
+            outtype = pick(alloy.convert_type, cfg["convert"]["outtype"], "convert.outtype")
             model_name = alloy.source["baseModel"].split("/")[-1]
             convert = add("convert", src_label, "convert", {"outtype": outtype, "model_name": model_name},
                           [("source", source)], toolchain, f"convert {model_name} text model to {outtype.upper()} GGUF")
-            qparams = {"llama_type": q["llama_type"], "output_type": q["output_type"],
-                       "token_embedding_type": q["token_embedding_type"], "tensor_types": list(q["tensor_types"]),
-                       "imatrix": None}
-            quantize = add("quantize", vid, "quantize", qparams, [("model", convert)], toolchain,
-                           f"quantize {alloy.name} to {q['llama_type']}")
-            v = Variant(id=vid, alloy=alloy, quant=quant, llama_type=q["llama_type"],
+            qstage = alloy.stage("quant")
+            calibration = qstage.get("calibration")
+            imatrix = None
+            if calibration and q["imatrix"] in ("required", "recommended"):
+                imx = cfg["imatrix"]
+                imatrix = add("imatrix", src_label, "imatrix",
+                              {"corpus": calibration["file"], "corpus_sha256": calibration["sha256"],
+                               "ctx": imx["ctx"], "chunks": imx["chunks"], "process_output": imx["process_output"]},
+                              [("model", convert)], toolchain,
+                              f"importance matrix of {model_name} over {calibration['file'].split('/')[-1]}")
+            qparams = {"llama_type": q["llama_type"],
+                       "output_type": pick(qstage.get("outputTensorType"), q["output_type"], "quant.output_type"),
+                       "token_embedding_type": pick(qstage.get("tokenEmbeddingType"), q["token_embedding_type"],
+                                                    "quant.token_embedding_type"),
+                       "tensor_types": list(pick(qstage.get("tensorTypes"), q["tensor_types"], "quant.tensor_types")),
+                       "imatrix": imatrix.key if imatrix else None}
+            quantize = add("quantize", vid, "quantize", qparams,
+                           [("model", convert)] + ([("imatrix", imatrix)] if imatrix else []), toolchain,
+                           f"quantize {alloy.name} to {q['label']}" + (" with an importance matrix" if imatrix else ""))
+            g = cfg["gate"]
+            heldout = {"file": g["heldout"], "sha256": g["heldout_sha256"], "ctx": g["ctx"], "chunks": g["chunks"]}
+            kld_base = add("kld-base", src_label, "kld-base", heldout, [("model", convert)], toolchain,
+                           f"reference logits of {model_name} on {g['heldout'].split('/')[-1]}")
+            gate = add("gate", vid, "gate", {**heldout, "thresholds": q["gate"], "label": q["label"]},
+                       [("model", quantize), ("base", kld_base)], toolchain,
+                       f"quality gate of {vid}: KL divergence against the {outtype.upper()} reference")
+            v = Variant(id=vid, alloy=alloy, quant=quant, llama_type=q["llama_type"], label=q["label"],
                         overrides=list(overrides), config=cfg)
-            v.steps.update(source=source, convert=convert, quantize=quantize)
+            v.steps.update(source=source, convert=convert, quantize=quantize, gate=gate)
+            if imatrix:
+                v.steps["imatrix"] = imatrix
             if alloy.vision:
                 mmproj = add("mmproj", src_label, "mmproj", {"outtype": "f16", "model_name": model_name},
                              [("source", source)], toolchain, f"convert {model_name} vision projector to F16 GGUF")
-                ptype = alloy.projector_type or q["projector"]
+                ptype = pick(alloy.projector_type, q["projector"], "quant.projector")
                 if ptype == "f16":
                     v.steps["projector"] = mmproj
                 else:
@@ -203,7 +236,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: 
                                                f"quantize {model_name} projector to {ptype.upper()}")
             rparams = {"variant": vid, "alloyHash": alloy.alloy_hash, "overrides": list(overrides),
                        "config": cfg, "text": v.text_filename, "mmproj": v.mmproj_filename}
-            rinputs = [("text", quantize)] + ([("mmproj", v.steps["projector"])] if "projector" in v.steps else [])
+            rinputs = [("text", quantize), ("gate", gate)] + (
+                [("mmproj", v.steps["projector"])] if "projector" in v.steps else [])
             v.steps["receipt"] = add("receipt", vid, "receipt", rparams, rinputs + [("source", source)], toolchain,
                                      f"write {vid}'s receipt and link its files")
             variants.append(v)

@@ -40,8 +40,8 @@ class StepLog:
     def close(self) -> None:
         self.file.close()
 
-    def run(self, cmd: list, what: str, env: dict | None = None, cwd: Path | None = None) -> None:
-        """Run a tool, logging all its output and echoing its progress every 10%."""
+    def run(self, cmd: list, what: str, env: dict | None = None, cwd: Path | None = None) -> str:
+        """Run a tool, logging all its output and echoing its progress every 10%; returns the output."""
         self.write("$ " + " ".join(str(c) for c in cmd))
         self(what)
         full_env = dict(os.environ, **(env or {}))
@@ -51,12 +51,14 @@ class StepLog:
         except OSError as e:
             raise ForgeError(f"could not start {cmd[0]}: {e}", where=self.task) from None
         shown = -1
+        lines = []
         assert proc.stdout is not None
         for raw in proc.stdout:  # universal newlines: tqdm's \r updates arrive as lines
             line = raw.rstrip()
             if not line:
                 continue
             self.write(line)
+            lines.append(line)
             pct = None
             m = _PCT.search(line)
             if m:
@@ -75,6 +77,7 @@ class StepLog:
                 where=self.task, found="last lines of its output:\n" + self.tail(15),
                 hint=f"full log: {self.path}",
             )
+        return "\n".join(lines)
 
 
 def python() -> str:

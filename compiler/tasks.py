@@ -8,7 +8,7 @@ from .errors import ForgeError
 from .store import Entry
 from .toolchain import TOOLS, fingerprint_parts, tools_manifest, tools_ready
 
-TOOL_KINDS = {"quantize", "mmproj-quantize", "receipt"}
+TOOL_KINDS = {"quantize", "mmproj-quantize", "imatrix", "kld-base", "gate", "receipt"}
 
 
 def _guarded(fn, *args):

@@ -59,6 +59,9 @@ def test_two_alloys_with_one_source_share_one_conversion(demo_workspace):
     ran = ws.first_run.executed
     assert {t for t in ran if t.startswith("convert:")} == {"convert:qwen3.5-tiny-random"}
     assert {"quantize:demo", "quantize:demo-q8"} <= ran
+    # One imatrix (Q4_K_M uses it; Q8_0 needs none) and one set of reference logits for both gates.
+    assert {t for t in ran if t.startswith(("imatrix:", "kld-base:"))} == {
+        "imatrix:qwen3.5-tiny-random", "kld-base:qwen3.5-tiny-random"}
     assert len(list((ws.build / "store" / "convert").iterdir())) == 1
     # Both variants' text models come from the same converted file.
     assert ws.lock()["variants"]["demo"]["keys"]["convert"] == ws.lock()["variants"]["demo-q8"]["keys"]["convert"]
@@ -152,7 +155,7 @@ def test_editing_one_alloys_quant_reruns_only_its_quantize_and_after(demo_worksp
     path.write_text(json.dumps(data, indent=2))
     run = ws.doit()
     assert_ok(run)
-    assert run.executed == {"quantize:demo-q8", "receipt:demo-q8", "lock:demo-q8"}, run.out
+    assert run.executed == {"quantize:demo-q8", "gate:demo-q8", "receipt:demo-q8", "lock:demo-q8"}, run.out
     assert (ws.variant("demo-q8") / "demo-q8-Q5_K_M.gguf").exists()
     assert ws.lock()["variants"]["demo-q8"]["quant"] == "Q5_K_M"
 
@@ -189,7 +192,8 @@ def test_quantize_killed_midway_is_never_taken_as_done(demo_workspace):
     convert = ws.build / "store" / "convert" / lock["keys"]["convert"] / "model-BF16.gguf"
     from compiler.toolchain import tool
 
+    imatrix = ws.build / "store" / "imatrix" / lock["keys"]["imatrix"]
     clean = ws.root / "clean-Q6_K.gguf"
-    subprocess.run([str(tool(lock["toolchain"]["fingerprint"], "llama-quantize")), str(convert), str(clean), "Q6_K",
-                    "2"], check=True, capture_output=True)
+    subprocess.run([str(tool(lock["toolchain"]["fingerprint"], "llama-quantize")), "--imatrix", "imatrix.gguf",
+                    str(convert), str(clean), "Q6_K", "2"], check=True, capture_output=True, cwd=imatrix)
     assert sha256(out) == sha256(clean)

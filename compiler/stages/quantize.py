@@ -31,6 +31,13 @@ def run(step, out, inputs, log, ctx):
     source = entry.file(entry.manifest()["files"][0]["filename"])
     ggufcheck.check(source, what=f"{role} GGUF to quantize")
     name = f"{role}-{llama_type(step)}.gguf"
-    log.run(command(step, ctx["toolchain"], source, out.path(name)), f"quantize to {llama_type(step)}")
+    cmd = command(step, ctx["toolchain"], source, out.path(name))
+    cwd = None
+    if "imatrix" in inputs:
+        # quantize writes the imatrix path string into the GGUF (quantize.imatrix.file): run in the
+        # imatrix's folder and pass its bare name so the bytes do not depend on the store's location.
+        cmd[1:1] = ["--imatrix", "imatrix.gguf"]
+        cwd = inputs["imatrix"].dir
+    log.run(cmd, f"quantize to {llama_type(step)}", cwd=cwd)
     summary = ggufcheck.check(out.path(name), what="quantized GGUF")
     log(f"{name}: {summary['size'] / 2**20:.1f} MiB")

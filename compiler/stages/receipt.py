@@ -29,6 +29,28 @@ def file_hashes(variant, inputs) -> list[dict]:
     return out
 
 
+def datasets(variant) -> list[dict]:
+    """The texts the variant's bytes and figures depend on, by hash."""
+    out = []
+    imatrix = variant.steps.get("imatrix")
+    if imatrix:
+        out.append({"name": imatrix.params["corpus"].split("/")[-1], "role": "imatrix-calibration",
+                    "hash": "sha256:" + imatrix.params["corpus_sha256"]})
+    g = variant.steps["gate"].params
+    out.append({"name": g["file"].split("/")[-1], "role": "quality-gate-heldout", "hash": "sha256:" + g["sha256"]})
+    return out
+
+
+def benchmark(gate_entry) -> dict:
+    """The quality gate's figures as a forge-alloy results.benchmarks entry."""
+    report = json.loads(gate_entry.file("gate.json").read_text())
+    return {"name": "kl-divergence-vs-reference", "dataset": report["heldout"].split("/")[-1],
+            "datasetHash": "sha256:" + report["heldoutSha256"], "ctx": report["ctx"], "chunks": report["chunks"],
+            "metrics": report["figures"],
+            "thresholds": {r["figure"]: {r["direction"]: r["threshold"]} for r in report["checks"]},
+            "passed": report["passed"]}
+
+
 def run(step, out, inputs, log, ctx):
     variant = ctx["variant"]
     files = file_hashes(variant, inputs)
@@ -45,8 +67,9 @@ def run(step, out, inputs, log, ctx):
             },
             "modelHash": model_hash(files),
             "fileHashes": files,
-            "datasets": [],
+            "datasets": datasets(variant),
         },
+        "benchmarks": [benchmark(inputs["gate"])],
         "receipt": {
             "alloyHash": variant.alloy.alloy_hash,
             "issuedAt": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
