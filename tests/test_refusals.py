@@ -100,7 +100,12 @@ def test_missing_local_source_names_the_folder(ws):
     assert "$.source.localPath" in msg and "nowhere" in msg and "not found" in msg
 
 
+def no_calibration(d):
+    next(s for s in d["stages"] if s["type"] == "quant").pop("calibration")
+
+
 def test_quant_that_needs_an_imatrix_is_refused_at_planning(ws):
+    edit(ws, no_calibration)
     msg = refusal({"quant": "iq3"})
     assert "IQ3_M needs an importance matrix" in msg and "demo.alloy.json" in msg
     assert "q4_k_m" in msg  # what can be built instead
@@ -115,6 +120,7 @@ def test_cli_refusal_exits_2_and_builds_or_deletes_nothing(ws):
     ws.build.mkdir(parents=True)
     keep = ws.build / "keep.txt"
     keep.write_text("x")
+    edit(ws, no_calibration)
     proc = subprocess.run(DOIT + ["quant=iq2_xxs"], capture_output=True, text=True, env=ws.env(), cwd=ws.root)
     assert proc.returncode == 2
     assert "refused, nothing was built or deleted" in proc.stderr

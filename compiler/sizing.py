@@ -1,0 +1,126 @@
+"""Plan mode: the exact size of every quant of a checkpoint, from its config.json alone.
+
+1. A *sparse* checkpoint: the real model class instantiated on torch's meta device gives every
+   tensor's name, shape and dtype; a safetensors header is written for them and the file extended
+   to full size without writing data (a sparse file: no disk blocks, no weights).
+2. A *sparse reference GGUF*: the pinned convert_hf_to_gguf.py runs on it with gguf-py's tensor
+   writer replaced by one that writes the header and tensor table and extends the file instead of
+   materialising tensors -- the converter's own names, shapes and metadata, without its work.
+3. `llama-quantize --dry-run` on that GGUF picks every tensor's type exactly as a real quantize
+   would; the bytes per tensor follow from ggml's block sizes, and the file size from the header.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import ForgeError
+from .toolchain import VENDOR_DIR, converter, tool
+
+# Runs the converter with a header-only tensor writer (see step 2 above).
+_HEADER_ONLY = r"""
+import os, runpy, sys
+import gguf
+from gguf.gguf_writer import GGUFWriter
+
+def header_only(self, *, progress=False):
+    self.write_ti_data_to_file()
+    for fout, tensors in zip(self.fout, self.tensors):
+        self.write_padding(fout, fout.tell())
+        end = fout.tell()
+        for ti in tensors.values():
+            end += ti.nbytes
+            end += (-ti.nbytes) % self.data_alignment
+            ti.tensor = None
+        fout.flush()
+        fout.truncate(end)
+
+GGUFWriter.write_tensors_to_file = header_only
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def sparse_checkpoint(shape: dict, out: Path) -> Path:
+    """A checkpoint folder whose model.safetensors has the real header and no data."""
+    import torch
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    from . import synthetic
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = synthetic.build_config(shape)
+    with torch.device("meta"):
+        model = Qwen3_5ForConditionalGeneration(config)
+    tied = bool(config.tie_word_embeddings)
+    header, offset = {}, 0
+    for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue  # tied to the embedding: save_pretrained leaves it out too
+        n = 2 * t.numel()  # bf16
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * ((-len(blob)) % 8)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+    config.save_pretrained(str(out))
+    synthetic.write_tokenizer(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(synthetic.PREPROCESSOR, indent=2, sort_keys=True))
+    return out
+
+
+def sparse_reference(checkpoint: Path, out: Path, mmproj: bool = False) -> Path:
+    """The reference GGUF (BF16 text model, or F16 projector) as header plus sparse data."""
+    cmd = [sys.executable, "-c", _HEADER_ONLY, str(converter()), str(checkpoint), "--outfile", str(out),
+           "--model-name", checkpoint.name]
+    cmd += ["--mmproj", "--outtype", "f16"] if mmproj else ["--outtype", "bf16", "--no-mtp"]
+    env = dict(os.environ, NO_LOCAL_GGUF="1")  # the venv's gguf-py (from the same archive) gets the patch
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=VENDOR_DIR)
+    if proc.returncode != 0 or not out.is_file():
+        raise ForgeError("sparse conversion failed", where=str(checkpoint), found=proc.stderr[-1500:])
+    return out
+
+
+_TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[([\d,\s]+)\], type =\s+(\w+),")
+_NEW_TYPE = re.compile(r"\((\w+)\)\s*$")
+
+
+def dry_run(reference: Path, llama_type: str, toolchain: str, extra: list | None = None) -> dict:
+    """Each tensor's target type as llama-quantize would choose it, and the exact output bytes."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from .ggufcheck import read_layout
+
+    cmd = [str(tool(toolchain, "llama-quantize")), "--dry-run", *(extra or []), str(reference), llama_type]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise ForgeError(f"llama-quantize --dry-run {llama_type} failed", where=str(reference), found=text[-1500:])
+    layout = read_layout(reference)
+    align = int(layout["meta"].get("general.alignment", 32))
+    tensors, name, dims, cur = {}, None, None, None
+    for line in text.splitlines():
+        m = _TENSOR_LINE.match(line)
+        if m:
+            name, dims, cur = m.group(1), [int(d) for d in m.group(2).split(",")], m.group(3)
+        if name and "size =" in line:
+            t = _NEW_TYPE.search(line)
+            new = t.group(1) if t and "->" in line else cur
+            qtype = GGMLQuantizationType[new.upper()]
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            nrows = 1
+            for d in dims[1:]:
+                nrows *= d
+            tensors[name] = {"type": qtype.name, "bytes": nrows * (dims[0] // block) * type_size}
+            name = None
+    data = sum(t["bytes"] + (-t["bytes"]) % align for t in tensors.values())
+    return {"tensors": tensors, "data_bytes": data, "header_bytes": layout["data_start"],
+            "file_bytes": layout["data_start"] + data, "requires_imatrix": "will require an imatrix" in text}
