@@ -9,7 +9,7 @@ from functools import lru_cache
 from omegaconf import OmegaConf
 
 from .errors import ForgeError
-from .paths import CONF_DIR
+from .paths import conf_dir
 
 GROUPS = ("tier", "quant", "backend", "sensory")
 # Command-line variables that select alloys rather than override configuration.
@@ -17,12 +17,12 @@ SELECTORS = ("alloy",)
 
 
 def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
 @lru_cache(maxsize=None)
 def aliases() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "aliases.yaml"))
+    return OmegaConf.to_container(OmegaConf.load(conf_dir() / "aliases.yaml"))
 
 
 def resolve_quant(name: str, where: str) -> str:
@@ -70,7 +70,7 @@ def _compose_cached(overrides: tuple[str, ...]) -> str:
 
     # Initialise Hydra once per process (the costly part) and keep it for every composition.
     if not GlobalHydra.instance().is_initialized():
-        initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3")
+        initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3")
     try:
         cfg = compose(config_name="config", overrides=list(overrides))
     except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:

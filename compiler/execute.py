@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import ForgeError
 from .paths import build_dir, variants_dir
 from .runlog import StepLog
-from .stages import convert, gate, imatrix, quantize, receipt, source
+from .stages import convert, envelope, gate, imatrix, quantize, receipt, source
 from .store import Entry, Writer, require
 
 STAGES = {
@@ -20,6 +20,7 @@ STAGES = {
     "quantize": quantize, "mmproj-quantize": quantize,
     "imatrix": imatrix,
     "kld-base": gate, "gate": gate,
+    "envelope": envelope,
     "receipt": receipt,
 }
 

@@ -105,8 +105,9 @@ def read_layout(path: Path) -> dict:
                 tensors.append({"name": name, "type": GGMLQuantizationType(ttype).name, "dims": dims,
                                 "offset": offset, "n_bytes": count // block * type_size})
             align = int(meta.get("general.alignment", 32))
-            data_start = (cur.pos + align - 1) // align * align
-    return {"meta": meta, "tensors": tensors, "data_start": data_start, "size": size}
+            header_end = cur.pos
+            data_start = (header_end + align - 1) // align * align
+    return {"meta": meta, "tensors": tensors, "header_end": header_end, "data_start": data_start, "size": size}
 
 
 def check(path: Path, what: str = "GGUF") -> dict:

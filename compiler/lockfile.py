@@ -34,7 +34,7 @@ def entry_for(plan, variant) -> dict:
                    "revision": alloy.source["revision"], "resolvedRevision": src.get("resolvedRevision"),
                    "files": files},
         "toolchain": {"fingerprint": plan.toolchain, **fingerprint_parts()},
-        "keys": {role: s.key for role, s in variant.steps.items()},
+        "keys": {role: s.key for role, s in variant.steps.items() if role != "envelope"},
         "outputs": results["integrity"]["fileHashes"],
         "modelHash": results["integrity"]["modelHash"],
     }

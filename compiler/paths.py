@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
 SCHEMA_DIR = ROOT / "schema"
 VENDOR_DIR = ROOT / "vendor" / "llama.cpp"
+
+
+def conf_dir() -> Path:
+    return Path(os.environ.get("FORGE_CONF_DIR", ROOT / "conf"))
 
 
 def alloys_dir() -> Path:

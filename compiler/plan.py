@@ -234,8 +234,17 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: 
                     v.steps["projector"] = add("mmproj-quantize", f"{src_label}-{ptype}", "mmproj-quantize",
                                                {"type": ptype}, [("mmproj", mmproj)], toolchain,
                                                f"quantize {model_name} projector to {ptype.upper()}")
+            # The envelope depends on the variant's files and on the tier, backend and sensory
+            # configuration only: a sensory figure changed reruns the envelopes, nothing else.
+            eparams = {"config": {k: cfg[k] for k in ("tier", "backend", "sensory")}}
+            einputs = [("text", quantize)] + ([("mmproj", v.steps["projector"])] if "projector" in v.steps else [])
+            v.steps["envelope"] = add("envelope", vid, "envelope", eparams, einputs, toolchain,
+                                      f"memory envelope of {vid} on tier {cfg['tier']['name']}")
+            # The receipt records names, not the whole configuration: a changed sensory figure or
+            # budget must not rewrite it.
             rparams = {"variant": vid, "alloyHash": alloy.alloy_hash, "overrides": list(overrides),
-                       "config": cfg, "text": v.text_filename, "mmproj": v.mmproj_filename}
+                       "tier": cfg["tier"]["name"], "backend": cfg["backend"]["name"], "quant": q["label"],
+                       "text": v.text_filename, "mmproj": v.mmproj_filename}
             rinputs = [("text", quantize), ("gate", gate)] + (
                 [("mmproj", v.steps["projector"])] if "projector" in v.steps else [])
             v.steps["receipt"] = add("receipt", vid, "receipt", rparams, rinputs + [("source", source)], toolchain,

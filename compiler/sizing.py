@@ -71,6 +71,7 @@ def sparse_checkpoint(shape: dict, out: Path) -> Path:
     with open(out / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         f.truncate(8 + len(blob) + offset)
+    config.architectures = ["Qwen3_5ForConditionalGeneration"]
     config.save_pretrained(str(out))
     synthetic.write_tokenizer(out)
     (out / "preprocessor_config.json").write_text(json.dumps(synthetic.PREPROCESSOR, indent=2, sort_keys=True))
@@ -93,8 +94,23 @@ _TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[([\d,\s]+)\], type 
 _NEW_TYPE = re.compile(r"\((\w+)\)\s*$")
 
 
-def dry_run(reference: Path, llama_type: str, toolchain: str, extra: list | None = None) -> dict:
-    """Each tensor's target type as llama-quantize would choose it, and the exact output bytes."""
+def _kv_bytes(key: str, value) -> int:
+    """Bytes of one GGUF metadata entry: key string, type tag, value (string or 32-bit int)."""
+    size = 8 + len(key.encode()) + 4
+    return size + (8 + len(value.encode()) if isinstance(value, str) else 4)
+
+
+def imatrix_metadata(corpus_name: str) -> dict:
+    """What llama-quantize adds to the header when given an imatrix (forge passes bare names)."""
+    return {"quantize.imatrix.file": "imatrix.gguf", "quantize.imatrix.dataset": corpus_name,
+            "quantize.imatrix.entries_count": 0, "quantize.imatrix.chunks_count": 0}
+
+
+def dry_run(reference: Path, llama_type: str, toolchain: str, extra: list | None = None,
+            added_meta: dict | None = None) -> dict:
+    """Each tensor's target type as llama-quantize would choose it, and the exact output bytes.
+
+    `added_meta`: metadata the real quantize adds that the dry run does not (the imatrix keys)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     from .ggufcheck import read_layout
@@ -122,5 +138,7 @@ def dry_run(reference: Path, llama_type: str, toolchain: str, extra: list | None
             tensors[name] = {"type": qtype.name, "bytes": nrows * (dims[0] // block) * type_size}
             name = None
     data = sum(t["bytes"] + (-t["bytes"]) % align for t in tensors.values())
-    return {"tensors": tensors, "data_bytes": data, "header_bytes": layout["data_start"],
-            "file_bytes": layout["data_start"] + data, "requires_imatrix": "will require an imatrix" in text}
+    header_end = layout["header_end"] + sum(_kv_bytes(k, v) for k, v in (added_meta or {}).items())
+    header = (header_end + align - 1) // align * align
+    return {"tensors": tensors, "data_bytes": data, "header_bytes": header,
+            "file_bytes": header + data, "requires_imatrix": "will require an imatrix" in text}

@@ -45,10 +45,14 @@ class Workspace:
         self.alloys = root / "alloys"
         self.alloys.mkdir(parents=True, exist_ok=True)
         self.stats_file = root / "stats.jsonl"
+        # A private copy of conf/, so a test can change a figure the way a person edits it.
+        self.conf = root / "conf"
+        if not self.conf.exists():
+            shutil.copytree(ROOT / "conf", self.conf)
 
     def env(self, **extra) -> dict:
         env = dict(os.environ, FORGE_BUILD_DIR=str(self.build), FORGE_ALLOYS_DIR=str(self.alloys),
-                   FORGE_STATS=str(self.stats_file), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+                   FORGE_STATS=str(self.stats_file), FORGE_CONF_DIR=str(self.conf), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         env.update(extra)
         return env
 

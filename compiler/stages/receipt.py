@@ -81,7 +81,7 @@ def run(step, out, inputs, log, ctx):
             "backend": variant.config["backend"]["name"],
             "overrides": variant.overrides,
             "toolchain": ctx["toolchain"],
-            "keys": {role: s.key for role, s in variant.steps.items() if role != "receipt"},
+            "keys": {role: s.key for role, s in variant.steps.items() if role not in ("receipt", "envelope")},
         },
     }
     path = out.path(f"{variant.alloy.name}.alloy.json")

@@ -1,0 +1,121 @@
+"""Measure what llama.cpp itself allocates for a variant, on this machine's backend.
+
+Run as a subprocess (`python -m compiler.measure TEXT MMPROJ N_CTX N_SEQ N_BATCH`) so that its
+peak memory is its own: loads the text model through llama-cpp-python's low-level API with the
+tier's n_ctx, n_seq_max and a unified KV cache (the high-level Llama() ignores n_seq_max, FACTS.md),
+decodes one short prompt per sequence in a single batch with distinct sequence ids, loads the
+projector through mtmd (which reserves its encoder's compute buffer at the largest image), and
+prints one JSON object: every buffer llama.cpp reported, by kind, and the process's peak RSS.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+import sys
+import time
+
+_BUFFER = re.compile(r"(\w+)\s+(model|KV|RS|compute|output) buffer size =\s+([\d.]+) MiB")
+_CLIP = re.compile(r"(CPU|\w+)?\s*compute buffer size =\s+([\d.]+) MiB")
+
+
+def main(argv: list[str]) -> int:
+    import psutil
+
+    import llama_cpp
+
+    text_path, mmproj_path, n_ctx, n_seq, n_batch = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    log: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, message, user):
+        log.append(message.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p())
+    llama_cpp.llama_backend_init()
+    proc = psutil.Process()
+    rss_before = proc.memory_info().rss
+    t0 = time.monotonic()
+    mp = llama_cpp.llama_model_default_params()
+    mp.use_extra_bufts = False  # no CPU weight repacking: the GPU backends have none either
+    model = llama_cpp.llama_model_load_from_file(text_path.encode(), mp)
+    if not model:
+        print(json.dumps({"error": f"could not load {text_path}"}))
+        return 1
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx, n_seq, True
+    cp.n_batch = n_batch
+    cp.n_ubatch = min(n_batch, 512)
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    load_s = time.monotonic() - t0
+    text_log = "".join(log)
+
+    # One prompt per persona, decoded together: distinct sequence ids in one batch.
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    batch = llama_cpp.llama_batch_init(512, 0, n_seq)
+    n = 0
+    for seq in range(n_seq):
+        prompt = f"Persona {seq} says hello.".encode()
+        toks = (llama_cpp.llama_token * 64)()
+        count = llama_cpp.llama_tokenize(vocab, prompt, len(prompt), toks, 64, True, False)
+        for i in range(count):
+            batch.token[n] = toks[i]
+            batch.pos[n] = i
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = seq
+            batch.logits[n] = i == count - 1
+            n += 1
+    batch.n_tokens = n
+    rc = llama_cpp.llama_decode(ctx, batch)
+    llama_cpp.llama_batch_free(batch)
+
+    mtmd_log_start = len(log)
+    mmproj = {}
+    if mmproj_path != "-":
+        from llama_cpp import mtmd_cpp
+
+        import os
+        import tempfile
+
+        mparams = mtmd_cpp.mtmd_context_params_default()
+        mparams.use_gpu = False
+        mparams.n_threads = 2
+        # mtmd's loader writes to stderr itself rather than through the log callback.
+        with tempfile.TemporaryFile() as err:
+            saved = os.dup(2)
+            sys.stderr.flush()
+            os.dup2(err.fileno(), 2)
+            try:
+                mctx = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), model, mparams)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            err.seek(0)
+            clip_log = "".join(log[mtmd_log_start:]) + err.read().decode("utf-8", "replace")
+        warmup = re.search(r"warmup with image size = (\d+) x (\d+)", clip_log)
+        weights = re.search(r"model size:\s+([\d.]+) MiB", clip_log)
+        compute = _CLIP.findall(clip_log)
+        mmproj = {"loaded": bool(mctx), "weights_mib": float(weights.group(1)) if weights else None,
+                  "compute_mib": sum(float(c[1]) for c in compute) if compute else None,
+                  "warmup_px": int(warmup.group(1)) if warmup else None}
+        if mctx:
+            mtmd_cpp.mtmd_free(mctx)
+    buffers: dict[str, float] = {}
+    for where, kind, mib in _BUFFER.findall(text_log):
+        buffers[kind] = buffers.get(kind, 0.0) + float(mib)
+    peak = proc.memory_info().rss
+    try:
+        peak = max(peak, proc.memory_full_info().uss)
+    except (psutil.AccessDenied, AttributeError):
+        pass
+    out = {"buffers_mib": buffers, "projector": mmproj, "decode_rc": rc, "decoded_tokens": n,
+           "load_s": round(load_s, 3), "rss_growth_mib": round((proc.memory_info().rss - rss_before) / 2**20, 1),
+           "peak_rss_mib": round(peak / 2**20, 1), "backend": "cpu"}
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
