@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import ForgeError
 from .paths import build_dir, variants_dir
 from .runlog import StepLog
-from .stages import convert, envelope, gate, imatrix, quantize, receipt, source
+from .stages import convert, envelope, gate, imatrix, quantize, receipt, smoke, source
 from .store import Entry, Writer, require
 
 STAGES = {
@@ -21,6 +21,7 @@ STAGES = {
     "imatrix": imatrix,
     "kld-base": gate, "gate": gate,
     "envelope": envelope,
+    "smoke": smoke,
     "receipt": receipt,
 }
 

@@ -240,13 +240,24 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: 
             einputs = [("text", quantize)] + ([("mmproj", v.steps["projector"])] if "projector" in v.steps else [])
             v.steps["envelope"] = add("envelope", vid, "envelope", eparams, einputs, toolchain,
                                       f"memory envelope of {vid} on tier {cfg['tier']['name']}")
+            if "projector" in v.steps:
+                # Smoke depends on the variant's files and the tier's runtime settings only.
+                sm = cfg["smoke"]
+                t = cfg["tier"]
+                smoke_params = {"run": {"n_ctx": t["n_ctx"] * t["n_seq_max"], "n_seq_max": t["n_seq_max"],
+                                   "n_batch": t["n_batch"], "max_tokens": sm["max_tokens"],
+                                   "image_px": sm["image_px"], "vision_items": sm["vision_items"]},
+                           "min_vision_score": sm["min_vision_score"], "source_kind": kind}
+                v.steps["smoke"] = add("smoke", vid, "smoke", smoke_params,
+                                       [("text", quantize), ("mmproj", v.steps["projector"]), ("source", source)],
+                                       toolchain, f"smoke test of {vid}: text, vision, {t['n_seq_max']} personas")
             # The receipt records names, not the whole configuration: a changed sensory figure or
             # budget must not rewrite it.
             rparams = {"variant": vid, "alloyHash": alloy.alloy_hash, "overrides": list(overrides),
                        "tier": cfg["tier"]["name"], "backend": cfg["backend"]["name"], "quant": q["label"],
                        "text": v.text_filename, "mmproj": v.mmproj_filename}
             rinputs = [("text", quantize), ("gate", gate)] + (
-                [("mmproj", v.steps["projector"])] if "projector" in v.steps else [])
+                [("mmproj", v.steps["projector"]), ("smoke", v.steps["smoke"])] if "projector" in v.steps else [])
             v.steps["receipt"] = add("receipt", vid, "receipt", rparams, rinputs + [("source", source)], toolchain,
                                      f"write {vid}'s receipt and link its files")
             variants.append(v)

@@ -115,12 +115,12 @@ def test_changing_the_corpus_rebuilds_the_imatrix_and_its_quants_only(ladder):
     path.write_text(json.dumps(data, indent=2))
     run = ladder.doit()
     assert_ok(run)
-    rebuilt = {"imatrix:qwen3.5-tiny-random"} | {f"{stage}:{v}" for stage in ("quantize", "gate")
+    rebuilt = {"imatrix:qwen3.5-tiny-random"} | {f"{stage}:{v}" for stage in ("quantize", "gate", "envelope", "smoke")
                                                  for v in ("ladder", "ladder@iq3_m", "ladder@q2_k")}
     assert {t for t in run.executed if not t.startswith(("receipt:", "lock:"))} == rebuilt, run.out
     # The recipe changed, so every variant of it gets a new executed alloy (receipt) and lock
     # entry -- the Q8_0 one with its GGUF untouched.
-    assert "quantize:ladder@q8_0" in run.skipped and "gate:ladder@q8_0" in run.skipped
+    assert {f"{s}:ladder@q8_0" for s in ("quantize", "gate", "envelope", "smoke")} <= run.skipped
 
 
 def test_a_corpus_that_does_not_match_its_sha256_is_refused(ladder):

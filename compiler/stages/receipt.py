@@ -51,6 +51,24 @@ def benchmark(gate_entry) -> dict:
             "passed": report["passed"]}
 
 
+def smoke_benchmarks(entry) -> list[dict]:
+    """The smoke report's figures as benchmarks entries, and the vision preservation hashes."""
+    if entry is None:
+        return []
+    r = json.loads(entry.file("smoke.json").read_text())
+    return [
+        {"name": "vision-suite", "metrics": {"score": r["vision"]["score"], "items": len(r["vision"]["items"])},
+         "gated": r["vision"]["gated"], "passed": True},
+        {"name": "personas", "metrics": {"n_seq_max": r["personas"]["n_seq_max"],
+                                         "equal_alone": r["personas"]["equal_alone"]}, "passed": r["personas"]["passed"]},
+        {"name": "timings", "backend": r["backend"], "metrics": r["timings"]},
+        {"name": "vision-preservation", "metrics": {
+            "towerSha256": r["preservation"]["tower"]["sha256"], "towerTensors": r["preservation"]["tower"]["tensors"],
+            "projectorSha256": r["preservation"]["projector"]["sha256"],
+            "projectorTensors": r["preservation"]["projector"]["tensors"]}, "passed": True},
+    ]
+
+
 def run(step, out, inputs, log, ctx):
     variant = ctx["variant"]
     files = file_hashes(variant, inputs)
@@ -69,7 +87,7 @@ def run(step, out, inputs, log, ctx):
             "fileHashes": files,
             "datasets": datasets(variant),
         },
-        "benchmarks": [benchmark(inputs["gate"])],
+        "benchmarks": [benchmark(inputs["gate"])] + smoke_benchmarks(inputs.get("smoke")),
         "receipt": {
             "alloyHash": variant.alloy.alloy_hash,
             "issuedAt": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -1,0 +1,268 @@
+"""The smoke checks, run in their own process on the pinned llama.cpp through llama-cpp-python.
+
+    python -m compiler.smoke_run TEXT.gguf MMPROJ.gguf PARAMS.json   -> one JSON report on stdout
+
+- text: a greedy completion, twice: same tokens both times, every logit finite;
+- vision: each image of the generated suite through the projector (mtmd), then a greedy answer;
+- personas: n_seq_max prompts (some with images) in one context, each on its own sequence id,
+  generated together one batch per step; each sequence's tokens must equal what its prompt gives
+  when decoded alone. PARAMS may set "break": "shared-seq" to put every prompt on sequence 0 --
+  the broken setup the same check has to catch;
+- timings: load, image encode, prompt and generation tokens/s, time to first token.
+"""
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import sys
+import time
+
+import numpy as np
+
+
+class Session:
+    def __init__(self, text_path: str, mmproj_path: str, n_ctx: int, n_seq: int, n_batch: int):
+        import llama_cpp
+        from llama_cpp import mtmd_cpp
+
+        self.ll, self.mt = llama_cpp, mtmd_cpp
+
+        @llama_cpp.llama_log_callback
+        def quiet(level, message, user):
+            pass
+
+        self._quiet = quiet
+        llama_cpp.llama_log_set(quiet, ctypes.c_void_p())
+        llama_cpp.llama_backend_init()
+        t0 = time.monotonic()
+        mp = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(text_path.encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"could not load {text_path}")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx, n_seq, True
+        cp.n_batch, cp.n_ubatch = n_batch, min(n_batch, 512)
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        mparams = mtmd_cpp.mtmd_context_params_default()
+        mparams.use_gpu = False
+        mparams.print_timings = False
+        self.mctx = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), self.model, mparams) if mmproj_path else None
+        self.load_s = time.monotonic() - t0
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_batch = n_batch
+        self.finite = True
+        self.timing = {"prompt_tokens": 0, "prompt_s": 0.0, "image_s": [], "gen_tokens": 0, "gen_s": 0.0}
+
+    def clear(self):
+        self.ll.llama_memory_clear(self.ll.llama_get_memory(self.ctx), True)
+
+    def argmax(self, i: int) -> int:
+        ptr = self.ll.llama_get_logits_ith(self.ctx, i)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        if not np.isfinite(logits).all():
+            self.finite = False
+        # Keep the top of the distribution too: on random weights greedy text can collapse to one
+        # token for every prompt, so equal tokens alone would not prove that sequences stay apart.
+        top = np.argsort(logits)[-8:][::-1]
+        self.last_top = [(int(t), float(logits[t])) for t in top]
+        return int(top[0])
+
+    def tokenize(self, text: str) -> list[int]:
+        raw = text.encode()
+        buf = (self.ll.llama_token * (len(raw) + 16))()
+        n = self.ll.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), False, True)
+        return list(buf[:n])
+
+    def prefill(self, seq: int, prompt: str, image: bytes | None, start: int = 0) -> tuple[int, int]:
+        """Evaluate a prompt into sequence `seq` from position `start`; returns (next position,
+        first greedy token)."""
+        t0 = time.monotonic()
+        if image is None:
+            toks = self.tokenize(prompt)
+            batch = self.ll.llama_batch_init(len(toks), 0, 1)
+            for i, tok in enumerate(toks):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = i == len(toks) - 1
+            batch.n_tokens = len(toks)
+            rc = self.ll.llama_decode(self.ctx, batch)
+            self.ll.llama_batch_free(batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            n_past = start + len(toks)
+            self.timing["prompt_tokens"] += len(toks)
+        else:
+            mt = self.mt
+            data = (ctypes.c_uint8 * len(image)).from_buffer_copy(image)
+            bitmap = mt.mtmd_helper_bitmap_init_from_buf(self.mctx, data, len(image), False)
+            text = mt.mtmd_input_text()
+            marker = mt.mtmd_default_marker().decode()
+            raw = prompt.replace("<image>", marker).encode()
+            text.text, text.text_len = raw, len(raw)
+            text.add_special, text.parse_special = False, True
+            chunks = mt.mtmd_input_chunks_init()
+            bitmaps = (mt.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            rc = mt.mtmd_tokenize(self.mctx, chunks, ctypes.byref(text), bitmaps, 1)
+            if rc != 0:
+                raise RuntimeError(f"mtmd_tokenize returned {rc}")
+            new_past = self.ll.llama_pos(0)
+            ti = time.monotonic()
+            rc = mt.mtmd_helper_eval_chunks(self.mctx, self.ctx, chunks, start, seq, self.n_batch, True,
+                                            ctypes.byref(new_past))
+            self.timing["image_s"].append(time.monotonic() - ti)
+            n_tokens = mt.mtmd_helper_get_n_tokens(chunks)
+            mt.mtmd_input_chunks_free(chunks)
+            mt.mtmd_bitmap_free(bitmap)
+            if rc != 0:
+                raise RuntimeError(f"mtmd_helper_eval_chunks returned {rc}")
+            n_past = new_past.value
+            self.timing["prompt_tokens"] += n_tokens
+        self.timing["prompt_s"] += time.monotonic() - t0
+        return n_past, self.argmax(-1)
+
+    def generate(self, states: list[list], n_tokens: int) -> None:
+        """states: [seq, n_past, tokens]; one batch per step, one token per sequence."""
+        for _ in range(n_tokens - 1):
+            t0 = time.monotonic()
+            batch = self.ll.llama_batch_init(len(states), 0, 1)
+            for i, (seq, n_past, toks, *_) in enumerate(states):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = toks[-1], n_past, 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = True
+            batch.n_tokens = len(states)
+            rc = self.ll.llama_decode(self.ctx, batch)
+            self.ll.llama_batch_free(batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            for i, st in enumerate(states):
+                st[1] += 1
+                st[2].append(self.argmax(i))
+                if len(st) > 3:
+                    st[3].append(self.last_top)
+            self.timing["gen_tokens"] += len(states)
+            self.timing["gen_s"] += time.monotonic() - t0
+
+    def piece(self, toks: list[int]) -> str:
+        out = b""
+        for t in toks:
+            buf = (ctypes.c_char * 64)()
+            n = self.ll.llama_token_to_piece(self.vocab, t, buf, 64, 0, True)
+            out += buf.raw[:max(n, 0)]
+        return out.decode("utf-8", "replace")
+
+
+def chat(question: str, image: bool) -> str:
+    body = ("<|vision_start|><image><|vision_end|>" if image else "") + question
+    return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def main(argv: list[str]) -> int:
+    from .vision_suite import suite
+
+    text_path, mmproj_path, params = argv[0], argv[1], json.loads(open(argv[2]).read())
+    n_seq, n_gen = params["n_seq_max"], params["max_tokens"]
+    s = Session(text_path, mmproj_path, params["n_ctx"], n_seq, params["n_batch"])
+    report = {"backend": "cpu", "load_s": round(s.load_s, 3)}
+
+    # text: the same greedy completion twice
+    runs = []
+    for _ in range(2):
+        s.clear()
+        t0 = time.monotonic()
+        n_past, first = s.prefill(0, chat("Name three colours of the rainbow.", False), None)
+        ttft = time.monotonic() - t0
+        st = [[0, n_past, [first]]]
+        s.generate(st, n_gen)
+        runs.append(st[0][2])
+    report["text"] = {"tokens": runs[0], "text": s.piece(runs[0]), "deterministic": runs[0] == runs[1],
+                      "ttft_ms": round(ttft * 1000, 1)}
+
+    # vision: the generated suite, one image at a time
+    items = suite(params["image_px"])[: params["vision_items"]]
+    answers = []
+    for item in items:
+        s.clear()
+        n_past, first = s.prefill(0, chat(item["question"], True), png(item["image"]))
+        st = [[0, n_past, [first]]]
+        s.generate(st, n_gen)
+        said = s.piece(st[0][2])
+        answers.append({"id": item["id"], "question": item["question"], "answer": said,
+                        "accepted": item["accepted"],
+                        "correct": any(a.lower() in said.lower() for a in item["accepted"])})
+    report["vision"] = {"items": answers, "score": sum(a["correct"] for a in answers) / max(len(answers), 1)}
+
+    # personas: n_seq prompts, every other one with an image, together and alone
+    prompts = []
+    for k in range(n_seq):
+        item = items[k % len(items)] if k % 2 == 1 and items else None
+        prompts.append((chat(item["question"] if item else f"Persona {k}: say something about the sea.", bool(item)),
+                        png(item["image"]) if item else None))
+    alone = []
+    for prompt, image in prompts:
+        s.clear()
+        n_past, first = s.prefill(0, prompt, image)
+        st = [[0, n_past, [first], [s.last_top]]]
+        s.generate(st, n_gen)
+        alone.append(st[0])
+    s.clear()
+    shared = params.get("break") == "shared-seq"
+    states, error = [], None
+    gen0 = s.timing["gen_tokens"], s.timing["gen_s"]
+    try:
+        for k, (prompt, image) in enumerate(prompts):
+            # The broken setup shares sequence 0, its prompts one after another in one history.
+            seq = 0 if shared else k
+            n_past, first = s.prefill(seq, prompt, image, start=states[-1][1] if shared and states else 0)
+            states.append([seq, n_past, [first], [s.last_top]])
+        gen0 = s.timing["gen_tokens"], s.timing["gen_s"]
+        s.generate(states, n_gen)
+    except RuntimeError as e:
+        error = str(e)
+
+    def same(a, b):
+        """Same greedy tokens, and the same top-8 of every step's distribution (ids, and values
+        within 1e-3): what the prompt alone gives, with nothing from the other sequences."""
+        if a[2] != b[2]:
+            return False, None
+        diff = 0.0
+        for step_a, step_b in zip(a[3], b[3]):
+            if [t for t, _ in step_a] != [t for t, _ in step_b]:
+                return False, None
+            diff = max(diff, max(abs(x - y) for (_, x), (_, y) in zip(step_a, step_b)))
+        return diff <= 1e-3, diff
+
+    checks = [same(a, b) for a, b in zip(alone, states)] if error is None else [(False, None)] * len(prompts)
+    report["personas"] = {
+        "error": error,
+        "n_seq_max": n_seq, "sequence_ids": [st[0] for st in states],
+        "with_image": [image is not None for _, image in prompts],
+        "outputs": [s.piece(st[2]) for st in states],
+        "equal_alone": [ok for ok, _ in checks],
+        "max_logit_diff": [d for _, d in checks],
+        "passed": all(ok for ok, _ in checks),
+    }
+    t = s.timing
+    batch_tokens, batch_s = t["gen_tokens"] - gen0[0], t["gen_s"] - gen0[1]
+    report["timings"] = {
+        "load_s": round(s.load_s, 3),
+        "image_encode_ms": round(1000 * sum(t["image_s"]) / max(len(t["image_s"]), 1), 1),
+        "prompt_tokens_per_s": round(t["prompt_tokens"] / t["prompt_s"], 1) if t["prompt_s"] else None,
+        "generation_tokens_per_s": round(t["gen_tokens"] / t["gen_s"], 1) if t["gen_s"] else None,
+        "batched_generation_tokens_per_s": round(batch_tokens / batch_s, 1) if batch_s else None,
+        "ttft_ms": report["text"]["ttft_ms"],
+    }
+    report["text"]["logits_finite"] = s.finite
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,65 @@
+"""smoke: text, vision and n_seq_max personas through llama-cpp-python at the tier's settings,
+plus vision preservation (projector against the source's visual tower). A variant whose smoke
+fails gets no receipt, and nothing after it runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .. import preservation
+from ..errors import ForgeError
+from .source import checkpoint_dir
+
+
+def _first(entry):
+    return entry.file(entry.manifest()["files"][0]["filename"])
+
+
+def run(step, out, inputs, log, ctx):
+    p = step.params
+    text, mmproj = _first(inputs["text"]), _first(inputs["mmproj"])
+    tower = preservation.tower(checkpoint_dir(inputs["source"]))
+    proj = preservation.projector(mmproj)
+    preservation.check(tower, proj, where=f"{step.task}: {mmproj.name}")
+    log(f"vision preserved: {tower['tensors']} tower tensors ({tower['bytes'] / 2**20:.1f} MiB) -> "
+        f"{proj['tensors']} projector tensors ({proj['bytes'] / 2**20:.1f} MiB)")
+    params = out.path("smoke-params.json")
+    params.write_text(json.dumps(p["run"]))
+    proc = subprocess.run([sys.executable, "-m", "compiler.smoke_run", str(text), str(mmproj), str(params)],
+                          capture_output=True, text=True)
+    params.unlink()
+    log.write(proc.stderr[-20000:])
+    try:
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise ForgeError("the smoke run crashed", where=str(text), found=proc.stderr[-1500:]) from None
+    gated = p["source_kind"] != "synthetic"
+    report["vision"]["gated"] = gated
+    report["vision"]["min_score"] = p["min_vision_score"]
+    report["preservation"] = {"tower": tower, "projector": {k: v for k, v in proj.items() if k != "names"}}
+    t, v, pers = report["text"], report["vision"], report["personas"]
+    log(f"text: {'deterministic' if t['deterministic'] else 'NOT deterministic'}, logits "
+        f"{'finite' if t['logits_finite'] else 'NOT finite'}")
+    log(f"vision: {len(v['items'])} images answered, score {v['score']:.2f} "
+        f"({'gated at ' + str(p['min_vision_score']) if gated else 'random weights: reported, not gated'})")
+    log(f"personas: {pers['n_seq_max']} sequences together equal alone: {pers['equal_alone']}")
+    log("timings: " + ", ".join(f"{k} {val}" for k, val in report["timings"].items()))
+    problems = []
+    if not t["deterministic"]:
+        problems.append("the same greedy prompt gave different tokens on a second run")
+    if not t["logits_finite"]:
+        problems.append("non-finite logits")
+    if not pers["passed"]:
+        problems.append(f"sequences bleed into each other: together != alone for "
+                        f"{[i for i, ok in enumerate(pers['equal_alone']) if not ok]}"
+                        + (f" ({pers['error']})" if pers.get("error") else ""))
+    if not v["items"] or any(not a["answer"] and a["answer"] != "" for a in v["items"]):
+        problems.append("the vision suite did not run")
+    if gated and v["score"] < p["min_vision_score"]:
+        problems.append(f"vision score {v['score']:.2f} below {p['min_vision_score']}")
+    report["passed"] = not problems
+    out.path("smoke.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if problems:
+        raise ForgeError("smoke failed: " + "; ".join(problems), where=step.task,
+                         hint=f"the report is in the step's log")

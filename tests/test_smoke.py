@@ -1,0 +1,94 @@
+"""The smoke stage on the demo: personas decoded together equal each prompt alone (and a shared
+sequence id is caught), a projector with a tensor removed fails the preservation check, and smoke
+reruns when the tier's settings change."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from compiler import preservation
+from compiler.errors import ForgeError
+from conftest import assert_ok
+
+pytestmark = pytest.mark.build
+
+
+def smoke_run(folder, tmp_path, **params):
+    p = {"n_ctx": 4096, "n_seq_max": 3, "n_batch": 512, "max_tokens": 6, "image_px": 448, "vision_items": 3, **params}
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(p))
+    proc = subprocess.run([sys.executable, "-m", "compiler.smoke_run", str(folder / "demo-Q4_K_M.gguf"),
+                           str(folder / "mmproj-demo-F16.gguf"), str(path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_three_personas_together_equal_each_alone_and_a_shared_sequence_is_caught(demo_workspace, tmp_path):
+    folder = demo_workspace.variant("demo")
+    good = smoke_run(folder, tmp_path)
+    personas = good["personas"]
+    assert personas["sequence_ids"] == [0, 1, 2] and personas["with_image"] == [False, True, False]
+    assert personas["passed"] and personas["equal_alone"] == [True, True, True]
+    assert personas["max_logit_diff"] == [0.0, 0.0, 0.0]
+    assert good["text"]["deterministic"] and good["text"]["logits_finite"]
+    assert len(good["vision"]["items"]) == 3
+    broken = smoke_run(folder, tmp_path, **{"break": "shared-seq"})
+    assert broken["personas"]["sequence_ids"] == [0, 0, 0]
+    assert not broken["personas"]["passed"]
+
+
+def test_receipt_records_smoke_and_vision_preservation(demo_workspace):
+    receipt = json.loads((demo_workspace.variant("demo") / "demo.alloy.json").read_text())
+    names = {b["name"]: b for b in receipt["results"]["benchmarks"]}
+    assert names["personas"]["passed"] and names["vision-suite"]["gated"] is False
+    pres = names["vision-preservation"]["metrics"]
+    assert len(pres["towerSha256"]) == 64 and len(pres["projectorSha256"]) == 64
+    assert names["timings"]["metrics"]["generation_tokens_per_s"] > 0
+
+
+def test_a_projector_with_a_tensor_removed_fails_preservation(demo_workspace, tmp_path):
+    from gguf import GGUFReader, GGUFWriter
+
+    lock = demo_workspace.lock()["variants"]["demo"]
+    source = demo_workspace.build / "store" / "synthetic" / lock["keys"]["source"]
+    mmproj = demo_workspace.variant("demo") / "mmproj-demo-F16.gguf"
+    tower = preservation.tower(source)
+    preservation.check(tower, preservation.projector(mmproj), where="intact")  # the real one passes
+
+    reader = GGUFReader(str(mmproj))
+    cut = tmp_path / "mmproj-cut.gguf"
+    writer = GGUFWriter(str(cut), arch="clip")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(field.name, field.contents(), field.types[0],
+                             field.types[-1] if field.types[0].name == "ARRAY" else None)
+    for t in reader.tensors:
+        if t.name == "v.blk.1.ffn_down.weight":
+            continue
+        writer.add_tensor(t.name, np.array(t.data), raw_shape=list(reversed([int(d) for d in t.shape])),
+                          raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ForgeError) as e:
+        preservation.check(tower, preservation.projector(cut), where=str(cut))
+    assert "v.blk.1.ffn_down.weight" in str(e.value) and "missing tensors" in str(e.value)
+
+
+def test_smoke_reruns_when_tier_settings_change_and_not_otherwise(demo_workspace):
+    ws = demo_workspace
+    quiet = ws.doit("alloy=demo")
+    assert_ok(quiet)
+    assert "smoke:demo" in quiet.skipped
+    path = ws.conf / "tier" / "m4.yaml"
+    path.write_text(path.read_text().replace("n_seq_max: 4", "n_seq_max: 3"))
+    run = ws.doit("alloy=demo")
+    assert_ok(run)
+    assert "smoke:demo" in run.executed and "envelope:demo" in run.executed
+    assert not any(t.startswith(("quantize:", "gate:", "convert:")) for t in run.executed)
