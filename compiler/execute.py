@@ -31,7 +31,8 @@ def entry(step) -> Entry:
 
 
 def variant_of(plan, step):
-    return next(v for v in plan.variants if v.steps.get("receipt") is step)
+    """The variant a per-variant step (receipt, envelope, smoke) belongs to."""
+    return next(v for v in plan.variants if v.steps.get(step.kind) is step)
 
 
 def who_needs(plan, step) -> str:
@@ -49,7 +50,7 @@ def run_step(plan, task: str) -> None:
         for role, e in inputs.items():
             require(e, f"input {role} of {task}")
         ctx = {"toolchain": plan.toolchain, "alloys": who_needs(plan, step)}
-        if step.kind == "receipt":
+        if step.kind in ("receipt", "envelope", "smoke"):
             ctx["variant"] = variant_of(plan, step)
         with Writer(out, step.params, {role: e.key for role, e in inputs.items()}) as w:
             log = StepLog(w.path(f"{step.basename}.log"), task)

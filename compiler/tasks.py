@@ -75,6 +75,29 @@ def lock_task(plan, variant) -> dict:
     }
 
 
+def registry_task(plan) -> dict:
+    """Regenerate model_registry.json after every selected variant's receipt and envelope; up to
+    date when the file already holds exactly what would be generated (no weights read)."""
+    from . import registry
+
+    def current(task, values):
+        path = registry.registry_path()
+        return path.is_file() and path.read_text() == registry.build(plan)
+
+    def write():
+        changed = registry.write(registry.build(plan))
+        print(f"  registry: {registry.registry_path()} {'updated' if changed else 'unchanged'}")
+
+    return {
+        "basename": "registry",
+        "doc": "regenerate model_registry.json from the lock, receipts and envelope reports",
+        "actions": [(_guarded, [write])],
+        "task_dep": ["receipt", "envelope", "lock"],
+        "uptodate": [current],
+        "verbosity": 2,
+    }
+
+
 def tasks(plan):
     yield toolchain_task(plan)
     groups = {}
@@ -88,3 +111,4 @@ def tasks(plan):
     yield {"basename": "lock", "name": None, "doc": "record every selected variant in the lock"}
     for variant in plan.variants:
         yield lock_task(plan, variant)
+    yield registry_task(plan)

@@ -49,10 +49,14 @@ class Workspace:
         self.conf = root / "conf"
         if not self.conf.exists():
             shutil.copytree(ROOT / "conf", self.conf)
+            # The demo is synthetic: let its variants into this workspace's registry.
+            cfg = self.conf / "config.yaml"
+            cfg.write_text(cfg.read_text().replace("include_synthetic: false", "include_synthetic: true"))
+        self.registry = root / "model_registry.json"
 
     def env(self, **extra) -> dict:
         env = dict(os.environ, FORGE_BUILD_DIR=str(self.build), FORGE_ALLOYS_DIR=str(self.alloys),
-                   FORGE_STATS=str(self.stats_file), FORGE_CONF_DIR=str(self.conf), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+                   FORGE_STATS=str(self.stats_file), FORGE_CONF_DIR=str(self.conf), FORGE_REGISTRY=str(self.registry), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
         env.update(extra)
         return env
 

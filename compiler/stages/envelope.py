@@ -29,7 +29,7 @@ def run(step, out, inputs, log, ctx):
     terms = env.estimate(text, vision, rt, gpu)
     files = text_path.stat().st_size + (mmproj_path.stat().st_size if mmproj_path else 0)
     verdict = env.check(terms, cfg, files)
-    title = (f"memory envelope of {ctx['alloys']} on tier {cfg['tier']['name']} ({cfg['backend']['name']}): "
+    title = (f"memory envelope of {ctx['variant'].id} on tier {cfg['tier']['name']} ({cfg['backend']['name']}): "
              f"n_ctx {cfg['tier']['n_ctx']} x {rt['n_seq_max']} personas = {rt['n_ctx']}, "
              f"image {rt['max_image_px']}px")
     report_text = env.table(terms, verdict, title)
@@ -55,7 +55,7 @@ def run(step, out, inputs, log, ctx):
     report_text += "\n" + "\n".join(lines)
     for line in report_text.splitlines():
         log(line)
-    report = {"variant": ctx["alloys"], "tier": cfg["tier"]["name"], "backend": cfg["backend"]["name"],
+    report = {"variant": ctx["variant"].id, "tier": cfg["tier"]["name"], "backend": cfg["backend"]["name"],
               "runtime": rt, "terms": terms, "verdict": verdict, "measured": measured, "comparison": rows}
     validate(report, "envelope.schema.json", f"{step.task} report")
     if not verdict["passed"]:
