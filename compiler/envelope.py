@@ -69,11 +69,13 @@ def runtime(cfg: dict) -> dict:
 
 def vision_compute(vision: dict, image_px: int) -> int:
     """The encoder's compute buffer for a square image of this side. With flash attention there is
-    no patches^2 score matrix; what stays live is about ten hidden-width F32 rows per patch (qkv,
-    attention output, FFN in and out, residuals) -- a coefficient measured on the demo projector
-    (41.46 MiB reserved at 1472 px, hidden 128), to be checked on real shapes."""
+    no patches^2 score matrix; per patch, llama.cpp's allocator peaks at about 1.5 x (hidden + FFN)
+    F32 values less a fixed 764, and never below 10 x hidden -- fitted to three measured
+    projectors (demo 41.46 MiB, Qwen3.5-0.8B 161.31 MiB, 2B/4B 223.30 MiB at 1472 px on the CPU
+    backend; scripts/bench_envelope.py), exact at those points within 1%."""
     patches = (image_px // vision["patch"]) ** 2
-    return patches * 4 * 10 * vision["hidden"]
+    per_patch = max(1.5 * (vision["hidden"] + vision["ff"]) - 764, 10 * vision["hidden"])
+    return int(patches * 4 * per_patch)
 
 
 def estimate(text: dict, vision: dict | None, rt: dict, gpu: bool) -> list[dict]:

@@ -154,7 +154,8 @@ class Session:
 
 
 def chat(question: str, image: bool) -> str:
-    body = ("<|vision_start|><image><|vision_end|>" if image else "") + question
+    # mtmd wraps the media marker in <|vision_start|> ... <|vision_end|> itself.
+    body = ("<image>" if image else "") + question
     return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
@@ -229,7 +230,9 @@ def main(argv: list[str]) -> int:
 
     def same(a, b):
         """Same greedy tokens, and the same top-8 of every step's distribution (ids, and values
-        within 1e-3): what the prompt alone gives, with nothing from the other sequences."""
+        within 0.01): what the prompt alone gives, with nothing from the other sequences. Batched
+        and single-token matmuls may round differently (seen: 1e-3 on IQ3_M); a sequence that
+        attends to another's tokens moves logits far more."""
         if a[2] != b[2]:
             return False, None
         diff = 0.0
@@ -237,7 +240,7 @@ def main(argv: list[str]) -> int:
             if [t for t, _ in step_a] != [t for t, _ in step_b]:
                 return False, None
             diff = max(diff, max(abs(x - y) for (_, x), (_, y) in zip(step_a, step_b)))
-        return diff <= 1e-3, diff
+        return diff <= 1e-2, diff
 
     checks = [same(a, b) for a, b in zip(alone, states)] if error is None else [(False, None)] * len(prompts)
     report["personas"] = {

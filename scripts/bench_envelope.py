@@ -36,7 +36,8 @@ PEERS = [("gguf-parser-go, qwen35moe KV (issue #28)", "~+300% (about 4x)"),
 
 def sparse_quantized(reference: Path, dry: dict, out: Path) -> Path:
     """A GGUF with the quantized layout and no data: metadata copied, tensor infos retyped."""
-    from gguf import GGUFReader, GGUFWriter, GGMLQuantizationType
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter, GGMLQuantizationType
 
     reader = GGUFReader(str(reference))
     arch = reader.fields["general.architecture"].contents()
@@ -50,8 +51,11 @@ def sparse_quantized(reference: Path, dry: dict, out: Path) -> Path:
         info = dry["tensors"].get(t.name)
         qtype = GGMLQuantizationType[info["type"]] if info else t.tensor_type
         nbytes = info["bytes"] if info else int(t.n_bytes)
-        writer.add_tensor_info(t.name, [int(d) for d in reversed(t.shape)], __import__("numpy").uint8, nbytes,
-                               raw_dtype=qtype)
+        # gguf-py takes a quantized tensor's shape in bytes per row (numpy order).
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        shape = [int(d) for d in reversed(t.shape)]
+        shape[-1] = shape[-1] // block * type_size
+        writer.add_tensor_info(t.name, shape, np.uint8, nbytes, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()

@@ -155,7 +155,8 @@ def test_editing_one_alloys_quant_reruns_only_its_quantize_and_after(demo_worksp
     path.write_text(json.dumps(data, indent=2))
     run = ws.doit()
     assert_ok(run)
-    assert run.executed == {f"{s}:demo-q8" for s in ("quantize", "gate", "envelope", "smoke", "receipt", "lock")}, run.out
+    assert run.executed == {f"{s}:demo-q8" for s in ("quantize", "gate", "envelope", "smoke", "receipt", "lock")} | {
+        "registry"}, run.out
     assert (ws.variant("demo-q8") / "demo-q8-Q5_K_M.gguf").exists()
     assert ws.lock()["variants"]["demo-q8"]["quant"] == "Q5_K_M"
 
