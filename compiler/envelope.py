@@ -70,11 +70,13 @@ def runtime(cfg: dict) -> dict:
 def vision_compute(vision: dict, image_px: int) -> int:
     """The encoder's compute buffer for a square image of this side. With flash attention there is
     no patches^2 score matrix; per patch, llama.cpp's allocator peaks at about 1.5 x (hidden + FFN)
-    F32 values less a fixed 764, and never below 10 x hidden -- fitted to three measured
+    F32 values less a fixed 764 for real encoders, and at 10 x hidden for toy ones (hidden + FFN
+    under 1024, where fixed per-patch buffers dominate) -- fitted to three measured
     projectors (demo 41.46 MiB, Qwen3.5-0.8B 161.31 MiB, 2B/4B 223.30 MiB at 1472 px on the CPU
     backend; scripts/bench_envelope.py), exact at those points within 1%."""
     patches = (image_px // vision["patch"]) ** 2
-    per_patch = max(1.5 * (vision["hidden"] + vision["ff"]) - 764, 10 * vision["hidden"])
+    width = vision["hidden"] + vision["ff"]
+    per_patch = 1.5 * width - 764 if width >= 1024 else 10 * vision["hidden"]
     return int(patches * 4 * per_patch)
 
 
