@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     import llama_cpp
 
     text_path, mmproj_path, n_ctx, n_seq, n_batch = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    image_px = int(argv[5]) if len(argv) > 5 else 448
     log: list[str] = []
 
     @llama_cpp.llama_log_callback
@@ -99,6 +100,15 @@ def main(argv: list[str]) -> int:
                   "compute_mib": sum(float(c[1]) for c in compute) if compute else None,
                   "warmup_px": int(warmup.group(1)) if warmup else None}
         if mctx:
+            # Evaluate one image of the tier's largest size into sequence 0, after its prompt.
+            from .smoke_run import chat, eval_image_prompt, png
+            from .vision_suite import suite
+
+            item = suite(image_px)[0]
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
+            _, n_img, secs = eval_image_prompt(mctx, ctx, chat(item["question"], True), png(item["image"]), 0, 0,
+                                               n_batch)
+            mmproj.update(image_px=image_px, image_prompt_tokens=n_img, image_eval_s=round(secs, 3))
             mtmd_cpp.mtmd_free(mctx)
     buffers: dict[str, float] = {}
     for where, kind, mib in _BUFFER.findall(text_log):

@@ -94,30 +94,8 @@ class Session:
             n_past = start + len(toks)
             self.timing["prompt_tokens"] += len(toks)
         else:
-            mt = self.mt
-            data = (ctypes.c_uint8 * len(image)).from_buffer_copy(image)
-            bitmap = mt.mtmd_helper_bitmap_init_from_buf(self.mctx, data, len(image), False)
-            text = mt.mtmd_input_text()
-            marker = mt.mtmd_default_marker().decode()
-            raw = prompt.replace("<image>", marker).encode()
-            text.text, text.text_len = raw, len(raw)
-            text.add_special, text.parse_special = False, True
-            chunks = mt.mtmd_input_chunks_init()
-            bitmaps = (mt.mtmd_bitmap_p_ctypes * 1)(bitmap)
-            rc = mt.mtmd_tokenize(self.mctx, chunks, ctypes.byref(text), bitmaps, 1)
-            if rc != 0:
-                raise RuntimeError(f"mtmd_tokenize returned {rc}")
-            new_past = self.ll.llama_pos(0)
-            ti = time.monotonic()
-            rc = mt.mtmd_helper_eval_chunks(self.mctx, self.ctx, chunks, start, seq, self.n_batch, True,
-                                            ctypes.byref(new_past))
-            self.timing["image_s"].append(time.monotonic() - ti)
-            n_tokens = mt.mtmd_helper_get_n_tokens(chunks)
-            mt.mtmd_input_chunks_free(chunks)
-            mt.mtmd_bitmap_free(bitmap)
-            if rc != 0:
-                raise RuntimeError(f"mtmd_helper_eval_chunks returned {rc}")
-            n_past = new_past.value
+            n_past, n_tokens, seconds = eval_image_prompt(self.mctx, self.ctx, prompt, image, seq, start, self.n_batch)
+            self.timing["image_s"].append(seconds)
             self.timing["prompt_tokens"] += n_tokens
         self.timing["prompt_s"] += time.monotonic() - t0
         return n_past, self.argmax(-1)
@@ -151,6 +129,36 @@ class Session:
             n = self.ll.llama_token_to_piece(self.vocab, t, buf, 64, 0, True)
             out += buf.raw[:max(n, 0)]
         return out.decode("utf-8", "replace")
+
+
+def eval_image_prompt(mctx, ctx, prompt: str, image: bytes, seq: int, start: int, n_batch: int):
+    """Tokenize a prompt with one image through mtmd and evaluate it into sequence `seq` from
+    position `start`; returns (next position, tokens, seconds spent evaluating)."""
+    import llama_cpp as ll
+    from llama_cpp import mtmd_cpp as mt
+
+    data = (ctypes.c_uint8 * len(image)).from_buffer_copy(image)
+    bitmap = mt.mtmd_helper_bitmap_init_from_buf(mctx, data, len(image), False)
+    text = mt.mtmd_input_text()
+    raw = prompt.replace("<image>", mt.mtmd_default_marker().decode()).encode()
+    text.text, text.text_len = raw, len(raw)
+    text.add_special, text.parse_special = False, True
+    chunks = mt.mtmd_input_chunks_init()
+    bitmaps = (mt.mtmd_bitmap_p_ctypes * 1)(bitmap)
+    try:
+        rc = mt.mtmd_tokenize(mctx, chunks, ctypes.byref(text), bitmaps, 1)
+        if rc != 0:
+            raise RuntimeError(f"mtmd_tokenize returned {rc}")
+        new_past = ll.llama_pos(0)
+        t0 = time.monotonic()
+        rc = mt.mtmd_helper_eval_chunks(mctx, ctx, chunks, start, seq, n_batch, True, ctypes.byref(new_past))
+        seconds = time.monotonic() - t0
+        if rc != 0:
+            raise RuntimeError(f"mtmd_helper_eval_chunks returned {rc}")
+        return new_past.value, mt.mtmd_helper_get_n_tokens(chunks), seconds
+    finally:
+        mt.mtmd_input_chunks_free(chunks)
+        mt.mtmd_bitmap_free(bitmap)
 
 
 def chat(question: str, image: bool) -> str:

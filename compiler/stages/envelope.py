@@ -36,7 +36,7 @@ def run(step, out, inputs, log, ctx):
 
     log("measuring llama.cpp's own allocations on the CPU backend")
     proc = subprocess.run([sys.executable, "-m", "compiler.measure", str(text_path), str(mmproj_path or "-"),
-                           str(rt["n_ctx"]), str(rt["n_seq_max"]), str(rt["n_batch"])],
+                           str(rt["n_ctx"]), str(rt["n_seq_max"]), str(rt["n_batch"]), str(rt["max_image_px"])],
                           capture_output=True, text=True)
     log.write(proc.stderr[-20000:])
     try:
@@ -51,6 +51,10 @@ def run(step, out, inputs, log, ctx):
         meas = "-" if r["measured_bytes"] is None else f"{r['measured_bytes'] / env.MiB:9.2f} MiB"
         err = "-" if r["error_pct"] is None else f"{r['error_pct']:+.2f}%"
         lines.append(f"    {r['term']:<40} {r['estimate_bytes'] / env.MiB:9.2f} MiB {meas:>12} {err:>8}")
+    p = measured.get("projector") or {}
+    if p.get("image_prompt_tokens"):
+        lines.append(f"    one {p['image_px']}px image evaluated: {p['image_prompt_tokens']} prompt tokens in "
+                     f"{p['image_eval_s']:.2f} s")
     lines.append(f"    peak RSS of the measuring process: {measured['peak_rss_mib']:.1f} MiB")
     report_text += "\n" + "\n".join(lines)
     for line in report_text.splitlines():
