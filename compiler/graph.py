@@ -21,11 +21,26 @@ def source_ids(alloys) -> dict:
     return ids
 
 
+def stage_code() -> dict:
+    """kind -> digest of the forge source files that kind runs (stat-cached: no re-reading)."""
+    import hashlib
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    out = {}
+    for kind, files in plan_mod.STAGE_CODE.items():
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.encode() + stat_cache().sha256(here / f).encode())
+        out[kind] = h.hexdigest()[:16]
+    return out
+
+
 def compile_graph(cli_vars: dict) -> plan_mod.Plan:
     selectors, overrides = parse_overrides(cli_vars)
     alloys = alloys_mod.load_dir(alloys_dir())
     chosen, _ = plan_mod.select_alloys(alloys, selectors, overrides)
-    result = plan_mod.plan(alloys, selectors, overrides, fingerprint(), source_ids(chosen))
+    result = plan_mod.plan(alloys, selectors, overrides, fingerprint(), source_ids(chosen), stage_code())
     check_texts(result)
     stat_cache().save()
     return result

@@ -140,13 +140,29 @@ def select_alloys(alloys: list[Alloy], selectors: dict, overrides: list[str]) ->
     return chosen, [o for o in overrides if not o.startswith("tier=")]
 
 
-def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: str, source_ids: dict) -> Plan:
+# The forge's own code each step kind runs: its digest joins that kind's keys, so a change to how a
+# step is done reruns that step (and what follows), never the others.
+STAGE_CODE = {
+    "convert": ["stages/convert.py"], "mmproj": ["stages/convert.py"],
+    "imatrix": ["stages/imatrix.py"], "quantize": ["stages/quantize.py"], "mmproj-quantize": ["stages/quantize.py"],
+    "kld-base": ["stages/gate.py"], "gate": ["stages/gate.py"],
+    "envelope": ["stages/envelope.py", "envelope.py", "measure.py", "smoke_run.py", "vision_suite.py"],
+    "smoke": ["stages/smoke.py", "smoke_run.py", "vision_suite.py", "preservation.py"],
+    "receipt": ["stages/receipt.py"],
+}
+
+
+def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: str, source_ids: dict,
+         code: dict | None = None) -> Plan:
+    """`code`: kind -> digest of the forge code that kind runs (STAGE_CODE), from the caller."""
     chosen, overrides = select_alloys(alloys, selectors, overrides)
     steps: dict[str, Step] = {}
     by_key: dict[tuple, Step] = {}
     variants = []
 
     def add(basename: str, label: str, kind: str, params: dict, inputs: list, fp: str | None, doc: str) -> Step:
+        if fp is not None and code and kind in code:
+            fp = f"{fp}+{code[kind]}"
         key = content_key(kind, params, [s.key for _, s in inputs], fp)
         if (kind, key) in by_key:
             return by_key[(kind, key)]
