@@ -90,6 +90,16 @@ def sparse_reference(checkpoint: Path, out: Path, mmproj: bool = False) -> Path:
     return out
 
 
+def copy_metadata(reader, writer) -> None:
+    """Every metadata entry of a GGUFReader into a GGUFWriter (the writer sets the architecture
+    and the GGUF header fields itself)."""
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(field.name, field.contents(), field.types[0],
+                             field.types[-1] if field.types[0].name == "ARRAY" else None)
+
+
 _TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[([\d,\s]+)\], type =\s+(\w+),")
 _NEW_TYPE = re.compile(r"\((\w+)\)\s*$")
 

@@ -9,7 +9,6 @@ a no-op run hashes zero bytes.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import shutil
@@ -20,26 +19,20 @@ from pathlib import Path
 
 from .errors import ForgeError
 from .paths import state_dir, store_dir
+from .toolchain import sha256_file as _sha256
 
 MANIFEST = "manifest.json"
 COUNTERS = {"hashed_bytes": 0, "hashed_files": 0, "stat_hits": 0}
 _lock = threading.Lock()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    n = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-            n += len(block)
+def sha256_file(path: Path) -> str:
+    """toolchain's sha256 of a file, counted: every byte this process hashes shows in COUNTERS."""
+    digest = _sha256(path)
     with _lock:
-        COUNTERS["hashed_bytes"] += n
+        COUNTERS["hashed_bytes"] += Path(path).stat().st_size
         COUNTERS["hashed_files"] += 1
-    return h.hexdigest()
+    return digest
 
 
 def _stat_key(st: os.stat_result) -> list:

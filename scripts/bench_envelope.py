@@ -42,11 +42,7 @@ def sparse_quantized(reference: Path, dry: dict, out: Path) -> Path:
     reader = GGUFReader(str(reference))
     arch = reader.fields["general.architecture"].contents()
     writer = GGUFWriter(str(out), arch=arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        writer.add_key_value(field.name, field.contents(), field.types[0],
-                             field.types[-1] if field.types[0].name == "ARRAY" else None)
+    sizing.copy_metadata(reader, writer)
     for t in reader.tensors:
         info = dry["tensors"].get(t.name)
         qtype = GGMLQuantizationType[info["type"]] if info else t.tensor_type

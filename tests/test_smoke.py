@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from compiler import preservation
+from compiler import preservation, sizing
 from compiler.errors import ForgeError
 from conftest import assert_ok
 
@@ -62,11 +62,7 @@ def test_a_projector_with_a_tensor_removed_fails_preservation(demo_workspace, tm
     reader = GGUFReader(str(mmproj))
     cut = tmp_path / "mmproj-cut.gguf"
     writer = GGUFWriter(str(cut), arch="clip")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        writer.add_key_value(field.name, field.contents(), field.types[0],
-                             field.types[-1] if field.types[0].name == "ARRAY" else None)
+    sizing.copy_metadata(reader, writer)
     for t in reader.tensors:
         if t.name == "v.blk.1.ffn_down.weight":
             continue
