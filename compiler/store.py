@@ -123,11 +123,9 @@ class Entry:
     def file(self, name: str) -> Path:
         return self.dir / name
 
-    def is_complete(self, deep: bool = False) -> bool:
-        """The manifest exists and every output still has its recorded size and hash.
-
-        Shallow: size plus the stat cache (a file whose size, mtime and inode are unchanged is not
-        read). Deep: every byte re-read (the cache check)."""
+    def is_complete(self) -> bool:
+        """The manifest exists and every output still has its recorded size and hash: size plus
+        the stat cache (a file whose size, mtime and inode are unchanged is not read again)."""
         try:
             manifest = self.manifest()
         except (OSError, ValueError):
@@ -140,31 +138,9 @@ class Entry:
                     return False
             except OSError:
                 return False
-            digest = sha256_file(path) if deep else cache.sha256(path)
-            if digest != f["sha256"]:
+            if cache.sha256(path) != f["sha256"]:
                 return False
         return True
-
-    def problems(self) -> list[str]:
-        """What is wrong with this entry, read byte for byte; empty when it is sound."""
-        try:
-            manifest = self.manifest()
-        except (OSError, ValueError) as e:
-            return [f"{self.manifest_path}: unreadable manifest ({e})"]
-        out = []
-        for f in manifest.get("files", []):
-            path = self.dir / f["filename"]
-            if not path.is_file():
-                out.append(f"{path}: missing")
-                continue
-            size = path.stat().st_size
-            if size != f["size"]:
-                out.append(f"{path}: size {size}, manifest says {f['size']}")
-                continue
-            digest = sha256_file(path)
-            if digest != f["sha256"]:
-                out.append(f"{path}: sha256 {digest[:16]}..., manifest says {f['sha256'][:16]}...")
-        return out
 
 
 class Writer:

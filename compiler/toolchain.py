@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ForgeError
-from .paths import ROOT, VENDOR_DIR, cache_dir
+from .paths import VENDOR_DIR, cache_dir
 
 PACKAGE = "llama-cpp-python"
 VERSION = "0.3.36"
@@ -219,9 +219,3 @@ def build_tools(fp: str, parts: dict, log=print, jobs: int | None = None) -> Pat
 def converter() -> Path:
     return VENDOR_DIR / "convert_hf_to_gguf.py"
 
-
-def relative_to_root(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
