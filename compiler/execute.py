@@ -84,10 +84,10 @@ def variant_links(plan, variant) -> dict:
     """Readable name in build/variants/<id>/ -> file in the store."""
     links = {}
     text = entry(variant.steps["quantize"])
-    links[variant.text_filename] = text.file(text.manifest()["files"][0]["filename"])
+    links[variant.text_filename] = text.output()
     if "projector" in variant.steps:
         proj = entry(variant.steps["projector"])
-        links[variant.mmproj_filename] = proj.file(proj.manifest()["files"][0]["filename"])
+        links[variant.mmproj_filename] = proj.output()
     rec = entry(variant.steps["receipt"])
     links[f"{variant.alloy.name}.alloy.json"] = rec.file(f"{variant.alloy.name}.alloy.json")
     return links

@@ -123,6 +123,10 @@ class Entry:
     def file(self, name: str) -> Path:
         return self.dir / name
 
+    def output(self) -> Path:
+        """The step's (first) output file, as its manifest lists it."""
+        return self.file(self.manifest()["files"][0]["filename"])
+
     def is_complete(self) -> bool:
         """The manifest exists and every output still has its recorded size and hash: size plus
         the stat cache (a file whose size, mtime and inode are unchanged is not read again)."""

@@ -14,14 +14,10 @@ from ..errors import ForgeError
 from ..ggufcheck import read_layout
 
 
-def _first(entry):
-    return entry.file(entry.manifest()["files"][0]["filename"])
-
-
 def run(step, out, inputs, log, ctx):
     cfg = step.params["config"]
-    text_path = _first(inputs["text"])
-    mmproj_path = _first(inputs["mmproj"]) if "mmproj" in inputs else None
+    text_path = inputs["text"].output()
+    mmproj_path = inputs["mmproj"].output() if "mmproj" in inputs else None
     text = env.text_shape(read_layout(text_path))
     vision = env.vision_shape(read_layout(mmproj_path)) if mmproj_path else None
     rt = env.runtime(cfg)

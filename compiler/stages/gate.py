@@ -30,7 +30,7 @@ def _threads() -> str:
 def run_base(step, out, inputs, log, ctx):
     p = step.params
     text = project_file(p["file"])
-    model = inputs["model"].file(inputs["model"].manifest()["files"][0]["filename"])
+    model = inputs["model"].output()
     cmd = [tool(ctx["toolchain"], "llama-perplexity"), "-m", model, "-f", text.name,
            "--kl-divergence-base", out.path("base.kld"), "-c", str(p["ctx"]), "--chunks", str(p["chunks"]),
            "-t", _threads()]
@@ -67,7 +67,7 @@ def table(rows: list[dict]) -> str:
 
 def run_gate(step, out, inputs, log, ctx):
     p = step.params
-    model = inputs["model"].file(inputs["model"].manifest()["files"][0]["filename"])
+    model = inputs["model"].output()
     base = inputs["base"].file("base.kld")
     cmd = [tool(ctx["toolchain"], "llama-perplexity"), "-m", model, "--kl-divergence-base", base,
            "--kl-divergence", "-c", str(p["ctx"]), "--chunks", str(p["chunks"]), "-t", _threads()]

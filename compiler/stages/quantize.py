@@ -28,7 +28,7 @@ def command(step, toolchain: str, source, output) -> list:
 def run(step, out, inputs, log, ctx):
     role = "mmproj" if step.kind == "mmproj-quantize" else "model"
     entry = inputs[role]
-    source = entry.file(entry.manifest()["files"][0]["filename"])
+    source = entry.output()
     ggufcheck.check(source, what=f"{role} GGUF to quantize")
     name = f"{role}-{llama_type(step)}.gguf"
     cmd = command(step, ctx["toolchain"], source, out.path(name))

@@ -12,13 +12,9 @@ from ..errors import ForgeError
 from .source import checkpoint_dir
 
 
-def _first(entry):
-    return entry.file(entry.manifest()["files"][0]["filename"])
-
-
 def run(step, out, inputs, log, ctx):
     p = step.params
-    text, mmproj = _first(inputs["text"]), _first(inputs["mmproj"])
+    text, mmproj = inputs["text"].output(), inputs["mmproj"].output()
     tower = preservation.tower(checkpoint_dir(inputs["source"]))
     proj = preservation.projector(mmproj)
     preservation.check(tower, proj, where=f"{step.task}: {mmproj.name}")
