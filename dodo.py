@@ -3,6 +3,9 @@
     doit                        every alloy at its own tier and quant
     doit alloy=demo             just the demo
     doit tier=air quant=iq3     the air alloys, overridden to IQ3_M
+    doit verify alloy=demo      rebuild what the lock records in a fresh build dir, compare bytes
+    doit verify only=demo keep=1    one locked variant; keep the fresh build dir
+    doit check-cache            hash every artifact in build/store against its manifest
     doit list --all --status    the graph and what is stale
 """
 import sys
@@ -12,9 +15,18 @@ from doit import doit_cmd
 from compiler.errors import ForgeError
 from compiler.graph import compile_graph
 from compiler.paths import build_dir
-from compiler.tasks import tasks
+from compiler.tasks import build_task_names, check_cache_task, tasks, verify_task
 
 build_dir().mkdir(parents=True, exist_ok=True)
+CLI_VARS = dict(doit_cmd._CMDLINE_VARS or {})
+# Options of verify (only=<variant ids>, keep=1), not configuration overrides.
+TASK_OPTIONS = ("only", "keep")
+
+try:
+    PLAN = compile_graph({k: v for k, v in CLI_VARS.items() if k not in TASK_OPTIONS})
+except ForgeError as e:
+    print(f"forge: refused, nothing was built or deleted.\n{e}", file=sys.stderr)
+    sys.exit(2)
 
 DOIT_CONFIG = {
     "dep_file": str(build_dir() / ".doit.db"),
@@ -22,13 +34,18 @@ DOIT_CONFIG = {
     "continue": True,       # an unreachable source fails its alloy; the others still build
     "verbosity": 2,
     "action_string_formatting": "new",
+    # A plain `doit` builds; verify and check-cache run only when named.
+    "default_tasks": build_task_names(PLAN),
 }
 
 
 def task_forge():
-    try:
-        plan = compile_graph(dict(doit_cmd._CMDLINE_VARS or {}))
-    except ForgeError as e:
-        print(f"forge: refused, nothing was built or deleted.\n{e}", file=sys.stderr)
-        sys.exit(2)
-    yield from tasks(plan)
+    yield from tasks(PLAN)
+
+
+def task_verify():
+    return verify_task(CLI_VARS)
+
+
+def task_check_cache():
+    return check_cache_task()

@@ -261,7 +261,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: 
                 sm = cfg["smoke"]
                 t = cfg["tier"]
                 smoke_params = {"run": {"n_ctx": t["n_ctx"] * t["n_seq_max"], "n_seq_max": t["n_seq_max"],
-                                   "n_batch": t["n_batch"], "max_tokens": sm["max_tokens"],
+                                   "n_batch": t["n_batch"], "kv_unified": bool(t["kv_unified"]),
+                                   "max_tokens": sm["max_tokens"],
                                    "image_px": sm["image_px"], "vision_items": sm["vision_items"]},
                            "min_vision_score": sm["min_vision_score"], "source_kind": kind}
                 v.steps["smoke"] = add("smoke", vid, "smoke", smoke_params,

@@ -5,9 +5,19 @@
 - text: a greedy completion, twice: same tokens both times, every logit finite;
 - vision: each image of the generated suite through the projector (mtmd), then a greedy answer;
 - personas: n_seq_max prompts (some with images) in one context, each on its own sequence id,
-  generated together one batch per step; each sequence's tokens must equal what its prompt gives
-  when decoded alone. PARAMS may set "break": "shared-seq" to put every prompt on sequence 0 --
-  the broken setup the same check has to catch;
+  generated together one batch per step. Two checks:
+    isolation -- for each sequence, the same batch again with every *other* prompt replaced by
+      different content of the same length (the cell layout and batch shapes stay the same): its
+      logits must be bit-identical, since masked cells contribute exact zeros. Anything it can see
+      of its neighbours moves them. This check is exact on any weights.
+    alone -- each sequence's greedy tokens (and top-8 logits within 0.01) equal what its prompt
+      gives decoded alone in an empty context. With a unified KV cache a sequence's cells sit at
+      other offsets than alone, and llama.cpp's tiled attention rounds differently (seen on the
+      real 0.8B layout: up to 0.05 on image prompts; bit-identical with kv_unified off). Real
+      weights have margins far above that; random weights have near-ties, so the stage gates
+      this check on real checkpoints only and reports it on random ones.
+  PARAMS may set "break": "shared-seq" to put every prompt on sequence 0 -- the broken setup both
+  checks have to catch;
 - timings: load, image encode, prompt and generation tokens/s, time to first token.
 """
 from __future__ import annotations
@@ -22,7 +32,8 @@ import numpy as np
 
 
 class Session:
-    def __init__(self, text_path: str, mmproj_path: str, n_ctx: int, n_seq: int, n_batch: int):
+    def __init__(self, text_path: str, mmproj_path: str, n_ctx: int, n_seq: int, n_batch: int,
+                 kv_unified: bool = True):
         import llama_cpp
         from llama_cpp import mtmd_cpp
 
@@ -41,7 +52,7 @@ class Session:
         if not self.model:
             raise RuntimeError(f"could not load {text_path}")
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx, n_seq, True
+        cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx, n_seq, kv_unified
         cp.n_batch, cp.n_ubatch = n_batch, min(n_batch, 512)
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         mparams = mtmd_cpp.mtmd_context_params_default()
@@ -52,6 +63,7 @@ class Session:
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_batch = n_batch
+        self.kv_unified = kv_unified
         self.finite = True
         self.timing = {"prompt_tokens": 0, "prompt_s": 0.0, "image_s": [], "gen_tokens": 0, "gen_s": 0.0}
 
@@ -75,12 +87,12 @@ class Session:
         n = self.ll.llama_tokenize(self.vocab, raw, len(raw), buf, len(buf), False, True)
         return list(buf[:n])
 
-    def prefill(self, seq: int, prompt: str, image: bytes | None, start: int = 0) -> tuple[int, int]:
-        """Evaluate a prompt into sequence `seq` from position `start`; returns (next position,
-        first greedy token)."""
+    def prefill(self, seq: int, prompt: str | list[int], image: bytes | None, start: int = 0) -> tuple[int, int]:
+        """Evaluate a prompt (text, or tokens when there is no image) into sequence `seq` from
+        position `start`; returns (next position, first greedy token)."""
         t0 = time.monotonic()
         if image is None:
-            toks = self.tokenize(prompt)
+            toks = prompt if isinstance(prompt, list) else self.tokenize(prompt)
             batch = self.ll.llama_batch_init(len(toks), 0, 1)
             for i, tok in enumerate(toks):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, start + i, 1
@@ -100,13 +112,17 @@ class Session:
         self.timing["prompt_s"] += time.monotonic() - t0
         return n_past, self.argmax(-1)
 
-    def generate(self, states: list[list], n_tokens: int) -> None:
-        """states: [seq, n_past, tokens]; one batch per step, one token per sequence."""
+    def generate(self, states: list[list], n_tokens: int, one_history: bool = False) -> None:
+        """states: [seq, n_past, tokens]; one batch per step, one token per sequence. With
+        one_history (the broken setup) every state shares one sequence, so its tokens take
+        consecutive positions of that one history."""
         for _ in range(n_tokens - 1):
             t0 = time.monotonic()
             batch = self.ll.llama_batch_init(len(states), 0, 1)
+            base = max(st[1] for st in states)
             for i, (seq, n_past, toks, *_) in enumerate(states):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = toks[-1], n_past, 1
+                pos = base + i if one_history else n_past
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = toks[-1], pos, 1
                 batch.seq_id[i][0] = seq
                 batch.logits[i] = True
             batch.n_tokens = len(states)
@@ -115,7 +131,7 @@ class Session:
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
             for i, st in enumerate(states):
-                st[1] += 1
+                st[1] = base + len(states) if one_history else st[1] + 1
                 st[2].append(self.argmax(i))
                 if len(st) > 3:
                     st[3].append(self.last_top)
@@ -178,7 +194,7 @@ def main(argv: list[str]) -> int:
 
     text_path, mmproj_path, params = argv[0], argv[1], json.loads(open(argv[2]).read())
     n_seq, n_gen = params["n_seq_max"], params["max_tokens"]
-    s = Session(text_path, mmproj_path, params["n_ctx"], n_seq, params["n_batch"])
+    s = Session(text_path, mmproj_path, params["n_ctx"], n_seq, params["n_batch"], params.get("kv_unified", True))
     report = {"backend": "cpu", "load_s": round(s.load_s, 3)}
 
     # text: the same greedy completion twice
@@ -209,38 +225,55 @@ def main(argv: list[str]) -> int:
     report["vision"] = {"items": answers, "score": sum(a["correct"] for a in answers) / max(len(answers), 1)}
 
     # personas: n_seq prompts, every other one with an image, together and alone
+    from PIL import ImageOps
+
     prompts = []
     for k in range(n_seq):
         item = items[k % len(items)] if k % 2 == 1 and items else None
-        prompts.append((chat(item["question"] if item else f"Persona {k}: say something about the sea.", bool(item)),
-                        png(item["image"]) if item else None))
+        if item:
+            prompts.append((chat(item["question"], True), item["image"]))
+        else:
+            prompts.append((s.tokenize(chat(f"Persona {k}: say something about the sea.", False)), None))
+
+    def other(prompt):
+        """Different content, same length: reversed tokens, or the image's negative (same size, so
+        the same number of image tokens)."""
+        text, image = prompt
+        return (text, ImageOps.invert(image.convert("RGB"))) if image is not None else (text[::-1], None)
+
+    shared = params.get("break") == "shared-seq"
+
+    def together(batch_prompts):
+        """Prefill every prompt on its own sequence (all on 0 when broken), then generate them
+        together; returns ([seq, n_past, tokens, top-8 per step], error)."""
+        s.clear()
+        states = []
+        try:
+            for k, (prompt, image) in enumerate(batch_prompts):
+                # The broken setup shares sequence 0, its prompts one after another in one history.
+                seq = 0 if shared else k
+                n_past, first = s.prefill(seq, prompt, png(image) if image is not None else None,
+                                          start=states[-1][1] if shared and states else 0)
+                states.append([seq, n_past, [first], [s.last_top]])
+            s.generate(states, n_gen, one_history=shared)
+        except RuntimeError as e:
+            return states, str(e)
+        return states, None
+
     alone = []
     for prompt, image in prompts:
         s.clear()
-        n_past, first = s.prefill(0, prompt, image)
+        n_past, first = s.prefill(0, prompt, png(image) if image is not None else None)
         st = [[0, n_past, [first], [s.last_top]]]
         s.generate(st, n_gen)
         alone.append(st[0])
-    s.clear()
-    shared = params.get("break") == "shared-seq"
-    states, error = [], None
     gen0 = s.timing["gen_tokens"], s.timing["gen_s"]
-    try:
-        for k, (prompt, image) in enumerate(prompts):
-            # The broken setup shares sequence 0, its prompts one after another in one history.
-            seq = 0 if shared else k
-            n_past, first = s.prefill(seq, prompt, image, start=states[-1][1] if shared and states else 0)
-            states.append([seq, n_past, [first], [s.last_top]])
-        gen0 = s.timing["gen_tokens"], s.timing["gen_s"]
-        s.generate(states, n_gen)
-    except RuntimeError as e:
-        error = str(e)
+    states, error = together(prompts)
+    gen1 = s.timing["gen_tokens"], s.timing["gen_s"]
 
-    def same(a, b):
+    def same(a, b, tol):
         """Same greedy tokens, and the same top-8 of every step's distribution (ids, and values
-        within 0.01): what the prompt alone gives, with nothing from the other sequences. Batched
-        and single-token matmuls may round differently (seen: 1e-3 on IQ3_M); a sequence that
-        attends to another's tokens moves logits far more."""
+        within tol); returns (equal, largest difference)."""
         if a[2] != b[2]:
             return False, None
         diff = 0.0
@@ -248,20 +281,31 @@ def main(argv: list[str]) -> int:
             if [t for t, _ in step_a] != [t for t, _ in step_b]:
                 return False, None
             diff = max(diff, max(abs(x - y) for (_, x), (_, y) in zip(step_a, step_b)))
-        return diff <= 1e-2, diff
+        return diff <= tol, diff
 
-    checks = [same(a, b) for a, b in zip(alone, states)] if error is None else [(False, None)] * len(prompts)
+    isolated = []
+    for k in range(n_seq):
+        if error is not None:
+            isolated.append(False)
+            continue
+        varied, err = together([p if j == k else other(p) for j, p in enumerate(prompts)])
+        # The layout must be the same for the comparison to be exact: same positions reached.
+        ok = err is None and [st[1] for st in varied] == [st[1] for st in states] \
+            and same(states[k], varied[k], 0.0)[0]
+        isolated.append(ok)
+
+    checks = [same(a, b, 1e-2) for a, b in zip(alone, states)] if error is None else [(False, None)] * len(prompts)
     report["personas"] = {
         "error": error,
-        "n_seq_max": n_seq, "sequence_ids": [st[0] for st in states],
+        "n_seq_max": n_seq, "kv_unified": s.kv_unified, "sequence_ids": [st[0] for st in states],
         "with_image": [image is not None for _, image in prompts],
         "outputs": [s.piece(st[2]) for st in states],
+        "isolated": isolated,
         "equal_alone": [ok for ok, _ in checks],
         "max_logit_diff": [d for _, d in checks],
-        "passed": all(ok for ok, _ in checks),
     }
     t = s.timing
-    batch_tokens, batch_s = t["gen_tokens"] - gen0[0], t["gen_s"] - gen0[1]
+    batch_tokens, batch_s = gen1[0] - gen0[0], gen1[1] - gen0[1]
     report["timings"] = {
         "load_s": round(s.load_s, 3),
         "image_encode_ms": round(1000 * sum(t["image_s"]) / max(len(t["image_s"]), 1), 1),

@@ -98,6 +98,42 @@ def registry_task(plan) -> dict:
     }
 
 
+def build_task_names(plan) -> list[str]:
+    """What a plain `doit` runs: the toolchain, every stage group, the lock and the registry."""
+    return ["toolchain", *dict.fromkeys(s.basename for s in plan.steps.values()), "lock", "registry"]
+
+
+def verify_task(cli_vars: dict) -> dict:
+    from . import verify
+
+    def action():
+        from doit.exceptions import TaskFailed
+
+        try:
+            code = verify.run({k: v for k, v in cli_vars.items() if k != "keep"},
+                              keep=cli_vars.get("keep", "") not in ("", "0", "false"))
+        except ForgeError as e:
+            return TaskFailed(str(e))
+        return None if code == 0 else TaskFailed("verify: the rebuild differs from the lock (report above)")
+
+    return {"basename": "verify", "doc": "rebuild the locked variants (alloy=/tier= to choose) in a fresh "
+            "build dir and compare every output with the lock", "actions": [action], "uptodate": [False],
+            "verbosity": 2}
+
+
+def check_cache_task() -> dict:
+    from . import cachecheck
+
+    def action():
+        from doit.exceptions import TaskFailed
+
+        return None if cachecheck.run() == 0 else TaskFailed("check-cache: damaged entries moved aside (above)")
+
+    return {"basename": "check-cache", "doc": "hash every artifact in build/store against its manifest; "
+            "move damaged ones aside so the next doit rebuilds them", "actions": [action],
+            "uptodate": [False], "verbosity": 2}
+
+
 def tasks(plan):
     yield toolchain_task(plan)
     groups = {}

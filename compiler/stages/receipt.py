@@ -60,7 +60,9 @@ def smoke_benchmarks(entry) -> list[dict]:
         {"name": "vision-suite", "metrics": {"score": r["vision"]["score"], "items": len(r["vision"]["items"])},
          "gated": r["vision"]["gated"], "passed": True},
         {"name": "personas", "metrics": {"n_seq_max": r["personas"]["n_seq_max"],
-                                         "equal_alone": r["personas"]["equal_alone"]}, "passed": r["personas"]["passed"]},
+                                         "isolated": r["personas"]["isolated"],
+                                         "equal_alone": r["personas"]["equal_alone"]},
+         "gated": r["personas"]["alone_gated"], "passed": r["personas"]["passed"]},
         {"name": "timings", "backend": r["backend"], "metrics": r["timings"]},
         {"name": "vision-preservation", "metrics": {
             "towerSha256": r["preservation"]["tower"]["sha256"], "towerTensors": r["preservation"]["tower"]["tensors"],

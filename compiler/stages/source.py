@@ -2,6 +2,7 @@
 revision with allow patterns, or read from a local folder (hashed in place, not copied)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -39,9 +40,12 @@ def _download(step, out, log, ctx):
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
     p = step.params
-    label = f"{p['repo']}@{p['revision']}"
+    # `doit verify` pins each repo to the commit the lock recorded, so a moved branch cannot
+    # change what is rebuilt.
+    pinned = json.loads(os.environ.get("FORGE_PINNED_REVISIONS") or "{}").get(p["repo"])
+    label = f"{p['repo']}@{pinned or p['revision']}"
     try:
-        info = HfApi().model_info(p["repo"], revision=p["revision"])
+        info = HfApi().model_info(p["repo"], revision=pinned or p["revision"])
         log(f"downloading {label} (commit {info.sha})")
         snapshot_download(repo_id=p["repo"], revision=info.sha, allow_patterns=p["allowPatterns"],
                           local_dir=str(out.tmp))
