@@ -5,6 +5,7 @@
     doit tier=air quant=iq3     the air alloys, overridden to IQ3_M
     doit verify alloy=demo      rebuild what the lock records in a fresh build dir, compare bytes
     doit verify only=demo keep=1    one locked variant; keep the fresh build dir
+    doit publish alloy=demo     stage the repo folder, print what would be uploaded (push=1 uploads)
     doit check-cache            hash every artifact in build/store against its manifest
     doit list --all --status    the graph and what is stale
 """
@@ -15,12 +16,12 @@ from doit import doit_cmd
 from compiler.errors import ForgeError
 from compiler.graph import compile_graph
 from compiler.paths import build_dir
-from compiler.tasks import build_task_names, check_cache_task, tasks, verify_task
+from compiler.tasks import build_task_names, check_cache_task, publish_task, tasks, verify_task
 
 build_dir().mkdir(parents=True, exist_ok=True)
 CLI_VARS = dict(doit_cmd._CMDLINE_VARS or {})
-# Options of verify (only=<variant ids>, keep=1), not configuration overrides.
-TASK_OPTIONS = ("only", "keep")
+# Options of verify (only=<variant ids>, keep=1) and publish (push=1), not configuration overrides.
+TASK_OPTIONS = ("only", "keep", "push")
 
 try:
     PLAN = compile_graph({k: v for k, v in CLI_VARS.items() if k not in TASK_OPTIONS})
@@ -49,3 +50,7 @@ def task_verify():
 
 def task_check_cache():
     return check_cache_task()
+
+
+def task_publish():
+    return publish_task(PLAN, CLI_VARS.get("push", "") not in ("", "0", "false"))

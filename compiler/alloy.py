@@ -13,7 +13,7 @@ from .paths import SCHEMA_DIR
 
 # Stage types this compiler turns into build steps. forge-alloy knows more (eval, publish, prune,
 # train...); an alloy that asks for one of those is refused rather than silently half-built.
-SUPPORTED_STAGES = ("source-config", "modality", "quant")
+SUPPORTED_STAGES = ("source-config", "modality", "quant", "publish")
 ALLOY_SUFFIX = ".alloy.json"
 
 

@@ -33,21 +33,31 @@ import numpy as np
 
 class Session:
     def __init__(self, text_path: str, mmproj_path: str, n_ctx: int, n_seq: int, n_batch: int,
-                 kv_unified: bool = True):
+                 kv_unified: bool = True, gpu: str = "auto"):
         import llama_cpp
         from llama_cpp import mtmd_cpp
 
+        from . import placement
+
         self.ll, self.mt = llama_cpp, mtmd_cpp
+        self.log: list[str] = []
 
         @llama_cpp.llama_log_callback
-        def quiet(level, message, user):
-            pass
+        def capture(level, message, user):
+            # Kept for the placement report; the JSON report is the only stdout.
+            self.log.append(message.decode("utf-8", "replace"))
 
-        self._quiet = quiet
-        llama_cpp.llama_log_set(quiet, ctypes.c_void_p())
+        self._capture = capture
+        llama_cpp.llama_log_set(capture, ctypes.c_void_p())
         llama_cpp.llama_backend_init()
+        # gpu: "off" keeps everything on the CPU; "auto" offloads every layer and the projector
+        # when llama.cpp has a GPU device; "required" also fails when it has none.
+        self.on_gpu = gpu != "off" and bool(llama_cpp.llama_supports_gpu_offload())
+        if gpu == "required" and not self.on_gpu:
+            raise RuntimeError("gpu=required but this llama.cpp build has no GPU device")
         t0 = time.monotonic()
         mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = 999 if self.on_gpu else 0
         self.model = llama_cpp.llama_model_load_from_file(text_path.encode(), mp)
         if not self.model:
             raise RuntimeError(f"could not load {text_path}")
@@ -55,11 +65,18 @@ class Session:
         cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx, n_seq, kv_unified
         cp.n_batch, cp.n_ubatch = n_batch, min(n_batch, 512)
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        load_log, n_load = "".join(self.log), len(self.log)
         mparams = mtmd_cpp.mtmd_context_params_default()
-        mparams.use_gpu = False
+        mparams.use_gpu = self.on_gpu
         mparams.print_timings = False
-        self.mctx = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), self.model, mparams) if mmproj_path else None
+        clip_log: list[str] = []
+        with placement.stderr_captured(clip_log):
+            self.mctx = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), self.model, mparams) if mmproj_path else None
         self.load_s = time.monotonic() - t0
+        from .ggufcheck import read_layout
+
+        embd = next((t["n_bytes"] for t in read_layout(text_path)["tensors"] if t["name"] == "token_embd.weight"), 0)
+        self.placement = placement.read(load_log, "".join(clip_log) + "".join(self.log[n_load:]), embd)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_batch = n_batch
@@ -194,8 +211,10 @@ def main(argv: list[str]) -> int:
 
     text_path, mmproj_path, params = argv[0], argv[1], json.loads(open(argv[2]).read())
     n_seq, n_gen = params["n_seq_max"], params["max_tokens"]
-    s = Session(text_path, mmproj_path, params["n_ctx"], n_seq, params["n_batch"], params.get("kv_unified", True))
-    report = {"backend": "cpu", "load_s": round(s.load_s, 3)}
+    s = Session(text_path, mmproj_path, params["n_ctx"], n_seq, params["n_batch"], params.get("kv_unified", True),
+                params.get("gpu", "auto"))
+    report = {"backend": s.placement["backend"], "load_s": round(s.load_s, 3), "placement": s.placement,
+              "gpu_mode": params.get("gpu", "auto")}
 
     # text: the same greedy completion twice
     runs = []

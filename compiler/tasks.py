@@ -121,6 +121,22 @@ def verify_task(cli_vars: dict) -> dict:
             "verbosity": 2}
 
 
+def publish_task(plan, push: bool) -> dict:
+    from . import publish
+
+    def action():
+        from doit.exceptions import TaskFailed
+
+        try:
+            code = publish.run(plan, push=push)
+        except ForgeError as e:
+            return TaskFailed(str(e))
+        return None if code == 0 else TaskFailed("publish: refused or failed (reasons above)")
+
+    return {"basename": "publish", "doc": "stage each selected variant's Hub repo folder; a dry run unless push=1",
+            "actions": [action], "uptodate": [False], "verbosity": 2}
+
+
 def check_cache_task() -> dict:
     from . import cachecheck
 

@@ -48,6 +48,15 @@ def run(step, out, inputs, log, ctx):
         f"largest logit difference from alone {pers['max_logit_diff']}")
     log("timings: " + ", ".join(f"{k} {val}" for k, val in report["timings"].items()))
     problems = []
+    place = report["placement"]
+    log(f"placement: backend {place['backend']}, layers on GPU {place['layers_offloaded']}, projector on "
+        f"{place['projector_device']}, host weights {place['host_model_mib']} MiB (input embedding "
+        f"{place['token_embd_mib']} MiB)")
+    # On a GPU backend the product forbids any CPU fallback: check it, never assume it.
+    if place["gpu_devices"] or p["run"].get("gpu") == "required":
+        from ..placement import problems as offload_problems
+
+        problems += [f"not fully on the GPU: {why}" for why in offload_problems(place)]
     if not t["deterministic"]:
         problems.append("the same greedy prompt gave different tokens on a second run")
     if not t["logits_finite"]:

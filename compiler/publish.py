@@ -1,0 +1,296 @@
+"""`doit publish`: stage each selected variant's Hugging Face repo folder, then -- only with
+`push=1` -- upload what differs.
+
+The staged folder (build/publish/<variant>/) is what the repo will hold: the text GGUF and the
+projector under their published names, README.md (the model card), the executed alloy
+(<name>.alloy.json) and the variant's registry entry (registry-entry.json). The repo is the alloy's
+publish stage's, else continuum-ai/qwen3.5-<tier>-vision-forged-GGUF.
+
+Refused, with the reason: a variant that is not built or whose gates failed (no receipt), one that
+the lock does not record, and one whose files -- read in full here, not through the stat cache --
+no longer hash as the lock says. Uploads skip files whose hash already matches on the Hub (sha256
+for LFS files, the git blob id for small ones). The token comes from HF_TOKEN or the Hugging Face
+login and is only ever handed to huggingface_hub: every message printed is scrubbed of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ForgeError
+from .paths import build_dir
+from .registry import alias_for, entry as registry_entry, repo_for
+from .store import Entry
+from .toolchain import sha256_file
+
+
+@dataclass
+class Staged:
+    variant: str
+    repo: str
+    folder: Path
+    files: dict                      # path in repo -> local path
+    refused: list = field(default_factory=list)
+    random_weights: bool = False     # staged and shown, but not pushed unless registry.include_synthetic
+
+
+def git_blob_id(path: Path) -> str:
+    """The id git (and the Hub's tree listing) gives a regular file: sha1 of "blob <size>\\0" + data."""
+    data = Path(path).read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def card(variant, receipt: dict, envelope: dict, lock_entry: dict, repo: str) -> str:
+    """The model card: Hub front matter (through huggingface_hub's ModelCardData), then files,
+    memory envelope, smoke and quality figures, how to run, how to reproduce."""
+    from huggingface_hub import ModelCardData
+
+    alloy, cfg = variant.alloy, variant.config
+    tier = cfg["tier"]["name"]
+    data = ModelCardData(
+        base_model=alloy.source["baseModel"], base_model_relation="quantized", quantized_by="continuum-ai",
+        pipeline_tag="image-text-to-text", license=alloy.source.get("license", "other"), library_name="gguf",
+        tags=["continuum-ai", "forged", "forge-alloy", "gguf", "vision", "qwen3.5", tier, variant.label],
+    )
+    files = lock_entry["outputs"]
+    text = next(f for f in files if not f["filename"].startswith("mmproj-"))
+    mmproj = next((f for f in files if f["filename"].startswith("mmproj-")), None)
+    bench = {b["name"]: b for b in receipt["results"]["benchmarks"]}
+    rt = envelope["runtime"]
+    lines = [f"---\n{data.to_yaml()}\n---", "",
+             f"# {alloy.name} ({variant.label}, {tier} tier)", "",
+             alloy.data.get("description", ""), "",
+             f"Forged by the forge compiler from [{alloy.source['baseModel']}](https://huggingface.co/{alloy.source['baseModel']})"
+             + (f" at commit `{lock_entry['source']['resolvedRevision']}`" if lock_entry["source"].get("resolvedRevision") else
+                f" (revision `{alloy.source['revision']}`)") + ": a quantized text model and its vision projector (mmproj), "
+             "meant to run together, fully on the GPU.", "",
+             "## Files", "", "| file | role | size | sha256 |", "| --- | --- | ---: | --- |"]
+    for f in files:
+        role = "vision projector (mmproj)" if f is mmproj else f"text model, {variant.label}"
+        lines.append(f"| `{f['filename']}` | {role} | {_mib(f['size'])} | `{f['sha256']}` |")
+    lines += ["", f"## Memory envelope (tier `{tier}`, backend `{envelope['backend']}`)", "",
+              f"Checked at n_ctx {rt['n_ctx']} ({rt['n_ctx'] // rt['n_seq_max']} per sequence x n_seq_max "
+              f"{rt['n_seq_max']}), batch {rt['n_batch']}, KV {rt['cache_type_k']}/{rt['cache_type_v']}, images up to "
+              f"{rt['max_image_px']} px.", "", "| term | where | size |", "| --- | --- | ---: |"]
+    lines += [f"| {t['term']} | {t['where']} | {_mib(t['bytes'])} |" for t in envelope["terms"]]
+    v = envelope["verdict"]
+    lines += [f"| **total** | | **{_mib(v['total_bytes'])}** |", "", "| rule | figure | limit | result |",
+              "| --- | ---: | ---: | --- |"]
+    lines += [f"| {r['rule']} | {_mib(r['figure'])} | {_mib(r['limit'])} | {'pass' if r['passed'] else 'FAIL'} |"
+              for r in v["rules"]]
+    kld = bench.get("kl-divergence-vs-reference", {})
+    lines += ["", "## Quality and smoke", "", "| check | figures | result |", "| --- | --- | --- |"]
+    if kld:
+        m = kld["metrics"]
+        lines.append(f"| KL divergence vs {cfg['convert']['outtype'].upper()} on {kld['dataset']} ({kld['chunks']} x "
+                     f"{kld['ctx']} tokens) | mean {m['mean_kld']}, p99 {m['p99_kld']}, top-1 agreement "
+                     f"{m['top1_agreement']:.4f}, perplexity ratio {m['ppl_ratio']} | {'pass' if kld['passed'] else 'FAIL'} |")
+    if "vision-suite" in bench:
+        vs = bench["vision-suite"]
+        lines.append(f"| vision suite (generated images) | score {vs['metrics']['score']:.2f} over {vs['metrics']['items']} "
+                     f"items | {'gated' if vs['gated'] else 'reported (random weights)'} |")
+    if "personas" in bench:
+        p = bench["personas"]["metrics"]
+        lines.append(f"| {p['n_seq_max']} personas in one context | isolated {sum(p['isolated'])}/{len(p['isolated'])}, "
+                     f"equal to alone {sum(p['equal_alone'])}/{len(p['equal_alone'])} | "
+                     f"{'pass' if bench['personas']['passed'] else 'FAIL'} |")
+    if "timings" in bench:
+        t = bench["timings"]["metrics"]
+        lines.append(f"| timings ({bench['timings']['backend']} backend of the forging machine) | load {t['load_s']} s, "
+                     f"image encode {t['image_encode_ms']} ms, prompt {t['prompt_tokens_per_s']} tok/s, generation "
+                     f"{t['generation_tokens_per_s']} tok/s, first token {t['ttft_ms']} ms | measured |")
+    if "vision-preservation" in bench:
+        pm = bench["vision-preservation"]["metrics"]
+        lines.append(f"| vision preservation | {pm['towerTensors']} tower tensors -> {pm['projectorTensors']} projector "
+                     f"tensors | pass |")
+    mm = mmproj["filename"] if mmproj else "<projector>"
+    lines += ["", "## Run it", "", "llama.cpp (the projector goes beside the model; `-ngl 99` keeps every layer on the GPU):",
+              "", "```", f"llama-mtmd-cli -m {text['filename']} --mmproj {mm} -ngl 99 \\",
+              f"  -c {rt['n_ctx'] // rt['n_seq_max']} --image photo.jpg -p \"Describe this image.\"", "```", "",
+              "llama-cpp-python:", "", "```python", "from huggingface_hub import hf_hub_download",
+              "from llama_cpp import Llama", "from llama_cpp.llama_chat_format import Qwen25VLChatHandler", "",
+              f"model = hf_hub_download(\"{repo}\", \"{text['filename']}\")",
+              f"mmproj = hf_hub_download(\"{repo}\", \"{mm}\")",
+              f"llm = Llama(model_path=model, chat_handler=Qwen25VLChatHandler(clip_model_path=mmproj),",
+              f"            n_gpu_layers=-1, n_ctx={rt['n_ctx'] // rt['n_seq_max']})", "```", "",
+              "## Reproduce it", "",
+              f"`{alloy.name}.alloy.json` in this repo is the executed recipe (with its results). With the forge "
+              f"compiler's checkout, its `alloys/forge.lock.json` records the source files, the toolchain fingerprint "
+              f"(`{lock_entry['toolchain']['fingerprint'][:16]}`: {lock_entry['toolchain']['source']}, "
+              f"{lock_entry['toolchain']['machine']}) and every output's sha256; rebuild and compare byte for byte with:",
+              "", "```", f"doit verify only={variant.id}", "```", "",
+              "k-quant bytes can depend on the compiler and CPU architecture: verify names the toolchain parts that "
+              "differ from the recorded ones.", ""]
+    return "\n".join(lines)
+
+
+def stage(plan, variant, lock: dict) -> Staged:
+    """Write build/publish/<variant>/ (atomically) or say why the variant is refused."""
+    repo = repo_for(variant.alloy)
+    folder = build_dir() / "publish" / variant.id
+    st = Staged(variant=variant.id, repo=repo, folder=folder, files={})
+    receipt = Entry("receipt", variant.steps["receipt"].key)
+    if not receipt.is_complete():
+        logs = sorted((build_dir() / "logs").glob(f"*_{variant.id}*.failed.log"))
+        st.refused.append("no receipt: it is not built, or a gate (quality, envelope, smoke) failed"
+                          + (f" -- see {', '.join(str(l) for l in logs)}" if logs else
+                             f" -- run `doit alloy={variant.alloy.name}` and read its errors"))
+        return st
+    lock_entry = lock["variants"].get(variant.id)
+    if lock_entry is None:
+        st.refused.append("the lock does not record it: run `doit` to write its lock entry, and commit the lock")
+        return st
+    st.random_weights = variant.steps["source"].kind == "synthetic" and not variant.config["registry"]["include_synthetic"]
+    sources = {variant.text_filename: Entry("quantize", variant.steps["quantize"].key).output()}
+    if variant.mmproj_filename:
+        maker = variant.steps.get("mmproj-quantize") or variant.steps["projector"]
+        sources[variant.mmproj_filename] = Entry(maker.kind, maker.key).output()
+    recorded = {f["filename"]: f for f in lock_entry["outputs"]}
+    for name, path in sources.items():
+        want = recorded.get(name)
+        got = sha256_file(path) if path.is_file() else None
+        if want is None or got != want["sha256"]:
+            st.refused.append(f"{name} does not hash as the lock records (lock {want['sha256'] if want else 'none'}, "
+                              f"file {got or 'missing'}): run `doit check-cache` and `doit verify only={variant.id}`")
+    if st.refused:
+        return st
+    rec = json.loads(receipt.file(f"{variant.alloy.name}.alloy.json").read_text())
+    env = json.loads(Entry("envelope", variant.steps["envelope"].key).file("envelope.json").read_text())
+    smoke = Entry("smoke", variant.steps["smoke"].key) if "smoke" in variant.steps else None
+    smoke_report = json.loads(smoke.file("smoke.json").read_text()) if smoke and smoke.is_complete() else None
+    tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, path in sources.items():
+        os.symlink(path, tmp / name)
+    (tmp / "README.md").write_text(card(variant, rec, env, lock_entry, repo))
+    (tmp / f"{variant.alloy.name}.alloy.json").write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
+    reg = {alias_for(variant): registry_entry(variant, rec, env, smoke_report)}
+    (tmp / "registry-entry.json").write_text(json.dumps(reg, indent=2, sort_keys=True) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    st.files = {p.name: p for p in sorted(folder.iterdir())}
+    return st
+
+
+def remote_files(api, repo: str) -> dict | None:
+    """path -> ("sha256", hex) for LFS files, ("git", blob id) for regular ones; None: no such repo."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    try:
+        tree = list(api.list_repo_tree(repo, recursive=True))
+    except RepositoryNotFoundError:
+        return None
+    out = {}
+    for item in tree:
+        if isinstance(item, RepoFile):
+            out[item.path] = ("sha256", item.lfs.sha256) if item.lfs else ("git", item.blob_id)
+    return out
+
+
+def upload_plan(files: dict, remote: dict | None) -> list[tuple[str, str, str]]:
+    """(path, action, why) per local file: upload (new / changed) or skip (same hash on the Hub)."""
+    rows = []
+    for name, path in files.items():
+        if remote is None or name not in remote:
+            rows.append((name, "upload", "new"))
+            continue
+        algo, digest = remote[name]
+        mine = sha256_file(path) if algo == "sha256" else git_blob_id(path)
+        rows.append((name, "skip", "same hash on the Hub") if mine == digest else (name, "upload", f"changed ({algo} differs)"))
+    return rows
+
+
+class _Scrub:
+    """Everything printed goes through here: the token never reaches a log, even inside an error."""
+
+    def __init__(self, token: str | None):
+        self.token = token
+
+    def __call__(self, text: str) -> None:
+        print(text.replace(self.token, "<token>") if self.token else text, flush=True)
+
+
+def run(plan, push: bool = False) -> int:
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    from .lockfile import read
+
+    token = os.environ.get("HF_TOKEN") or get_token()
+    say = _Scrub(token)
+    lock = read()
+    staged = [stage(plan, v, lock) for v in plan.variants]
+    by_repo = {}
+    for st in staged:
+        by_repo.setdefault(st.repo, []).append(st)
+    for repo, group in by_repo.items():
+        ok = [s for s in group if not s.refused]
+        if len(ok) > 1:
+            for s in ok:
+                s.refused.append(f"{len(ok)} variants selected for one repo {repo} ({', '.join(x.variant for x in ok)}): "
+                                 "choose one with alloy= or quant=")
+    api = HfApi(token=token)
+    failed = False
+    for st in staged:
+        if st.refused:
+            failed = True
+            say(f"publish {st.variant} -> {st.repo}: REFUSED")
+            for why in st.refused:
+                say(f"  {why}")
+            continue
+        say(f"publish {st.variant} -> {st.repo}: staged in {st.folder}")
+        try:
+            remote = remote_files(api, st.repo)
+            reach = None
+        except Exception as e:  # no network or an HTTP error: a dry run still shows the staged folder
+            remote, reach = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if reach:
+            say(f"  cannot read {st.repo} on the Hub ({reach}); listing every file as an upload")
+        elif remote is None:
+            say(f"  {'creating' if push else 'would create'} repo {st.repo}")
+        rows = upload_plan(st.files, remote)
+        for name, action, why in rows:
+            size = st.files[name].stat().st_size
+            verb = action if push or action == "skip" else f"would {action}"
+            say(f"  {verb:<15} {name:<48} {_mib(size):>12}  {why}")
+        if remote:
+            for name in sorted(set(remote) - set(st.files)):
+                say(f"  {'left alone':<15} {name:<48} {'':>12}  on the Hub, not staged")
+        todo = [n for n, action, _ in rows if action == "upload"]
+        if st.random_weights:
+            say("  random-weight source: staged for inspection; pushing it needs registry.include_synthetic=true")
+            if push:
+                failed = True
+                continue
+        if not push:
+            say(f"  dry run: {len(todo)} to upload, {len(rows) - len(todo)} unchanged; `doit publish push=1` uploads")
+            continue
+        if not token:
+            say("  REFUSED: no Hugging Face token (set HF_TOKEN or run `hf auth login`)")
+            failed = True
+            continue
+        if not todo:
+            say("  nothing to upload: the Hub already holds these bytes")
+            continue
+        try:
+            if remote is None:
+                api.create_repo(st.repo, repo_type="model", exist_ok=True)
+            info = api.create_commit(
+                st.repo, operations=[CommitOperationAdd(n, str(st.files[n].resolve())) for n in todo],
+                commit_message=f"forge: {st.variant} ({len(todo)} files)",
+                commit_description=f"Published by the forge compiler from {st.variant}; see {st.variant.split('@')[0]}.alloy.json.")
+            say(f"  committed {len(todo)} files: {info.commit_url}")
+        except Exception as e:
+            say(f"  FAILED to upload to {st.repo}: {type(e).__name__}: {e}")
+            failed = True
+    return 1 if failed else 0

@@ -1,0 +1,105 @@
+"""`doit publish` against a Hub on loopback, driven through the real huggingface_hub client: a dry run
+creates nothing; a push creates the repo and commits the staged files (hashes as in the lock, the
+card's front matter as the Hub reads it); a second push uploads nothing; a variant whose files no
+longer match the lock is refused; the token appears in no output, file or log."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import yaml
+
+from conftest import assert_ok
+from hub_loopback import LoopbackHub
+
+pytestmark = pytest.mark.build
+
+TOKEN = "hf_forgeLoopbackSecret0123456789abcdef"
+REPO = "continuum-ai/qwen3.5-demo-tiny-random-GGUF"
+
+
+@pytest.fixture()
+def hub():
+    with LoopbackHub(token=TOKEN) as server:
+        yield server
+
+
+def publish(ws, hub, *args):
+    return ws.doit("publish", "alloy=demo", *args, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1",
+                   HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1")
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_publish_dry_run_push_and_a_second_push_that_uploads_nothing(demo_workspace, hub):
+    ws = demo_workspace
+    lock = ws.lock()["variants"]["demo"]
+    dry = publish(ws, hub)
+    assert_ok(dry)
+    assert f"would create repo {REPO}" in dry.out and "dry run: 5 to upload" in dry.out
+    assert hub.repos == {}  # a dry run creates and uploads nothing
+
+    first = publish(ws, hub, "push=1")
+    assert_ok(first)
+    assert f"creating repo {REPO}" in first.out and "committed 5 files" in first.out
+    files = hub.committed_files(REPO)
+    assert set(files) == {"README.md", "demo-Q4_K_M.gguf", "mmproj-demo-F16.gguf", "demo.alloy.json",
+                          "registry-entry.json"}
+    for out in lock["outputs"]:
+        assert files[out["filename"]] == out["sha256"]
+    card = hub.repos[REPO]["files"]["README.md"].decode()
+    meta = front_matter(card)
+    assert meta["base_model"] == "forge-demo/qwen3.5-tiny-random"
+    assert meta["base_model_relation"] == "quantized" and meta["pipeline_tag"] == "image-text-to-text"
+    assert meta["license"] == "apache-2.0" and meta["quantized_by"] == "continuum-ai"
+    assert {"continuum-ai", "forged", "forge-alloy", "gguf", "vision", "qwen3.5", "m4", "Q4_K_M"} <= set(meta["tags"])
+    assert lock["outputs"][0]["sha256"] in card and "llama-mtmd-cli" in card and "doit verify only=demo" in card
+    executed = json.loads(hub.repos[REPO]["files"]["demo.alloy.json"])
+    assert executed["results"]["integrity"]["fileHashes"] == lock["outputs"]
+    entry = json.loads(hub.repos[REPO]["files"]["registry-entry.json"])
+    assert entry["continuum-ai/demo"]["repo"] == REPO
+    assert len(hub.repos[REPO]["commits"]) == 1
+
+    puts = sum(1 for method, _, _ in hub.requests if method == "PUT")
+    second = publish(ws, hub, "push=1")
+    assert_ok(second)
+    assert "nothing to upload" in second.out and second.out.count("same hash on the Hub") == 5
+    assert len(hub.repos[REPO]["commits"]) == 1
+    assert sum(1 for method, _, _ in hub.requests if method == "PUT") == puts
+
+    # The token went to the Hub in the Authorization header and nowhere else.
+    assert any(h.get("authorization") == f"Bearer {TOKEN}" for _, _, h in hub.requests)
+    for run in (dry, first, second):
+        assert TOKEN not in run.out
+    for path in ws.build.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size < 5_000_000:
+            assert TOKEN.encode() not in path.read_bytes(), path
+    for name, data in hub.repos[REPO]["files"].items():
+        assert TOKEN.encode() not in data, name
+
+
+def test_publish_refuses_files_that_differ_from_the_lock_and_a_bad_token_stays_secret(demo_workspace, hub):
+    ws = demo_workspace
+    lock_path = ws.alloys / "forge.lock.json"
+    original = lock_path.read_text()
+    lock = json.loads(original)
+    mm = next(o for o in lock["variants"]["demo"]["outputs"] if o["filename"].startswith("mmproj-"))
+    mm["sha256"] = hashlib.sha256(b"not the projector").hexdigest()
+    lock_path.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
+    try:
+        refused = publish(ws, hub, "push=1")
+    finally:
+        lock_path.write_text(original)
+    assert refused.proc.returncode != 0
+    assert "REFUSED" in refused.out and "mmproj-demo-F16.gguf does not hash as the lock records" in refused.out
+    assert hub.repos == {}
+
+    wrong = "hf_wrongTokenThatMustNotLeak987654321"
+    bad = ws.doit("publish", "alloy=demo", "push=1", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1",
+                  HF_TOKEN=wrong, HF_HUB_OFFLINE="0")
+    assert bad.proc.returncode != 0 and "FAILED to upload" in bad.out
+    assert wrong not in bad.out and hub.repos.get(REPO, {}).get("commits", []) == []
