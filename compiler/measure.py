@@ -19,6 +19,27 @@ _BUFFER = re.compile(r"(\w+)\s+(model|KV|RS|compute|output) buffer size =\s+([\d
 _CLIP = re.compile(r"(CPU|\w+)?\s*compute buffer size =\s+([\d.]+) MiB")
 
 
+def gpu_memory_used_mib() -> int | None:
+    """Device memory in use as the driver reports it (NVIDIA: nvidia-smi), whole-device, so other
+    processes count too: read it before and after on an otherwise idle GPU."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True)
+    try:
+        return int(out.stdout.strip().splitlines()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def _clip_device(text: str) -> str | None:
+    m = re.search(r"CLIP using (\S+) backend", text)
+    return m.group(1) if m else None
+
+
 def main(argv: list[str]) -> int:
     import psutil
 
@@ -26,6 +47,8 @@ def main(argv: list[str]) -> int:
 
     text_path, mmproj_path, n_ctx, n_seq, n_batch = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     image_px = int(argv[5]) if len(argv) > 5 else 448
+    # "gpu": every layer and the projector on the GPU (the GPU script); default: CPU only.
+    on_gpu = len(argv) > 6 and argv[6] == "gpu"
     log: list[str] = []
 
     @llama_cpp.llama_log_callback
@@ -36,9 +59,11 @@ def main(argv: list[str]) -> int:
     llama_cpp.llama_backend_init()
     proc = psutil.Process()
     rss_before = proc.memory_info().rss
+    vram_before = gpu_memory_used_mib() if on_gpu else None
     t0 = time.monotonic()
     mp = llama_cpp.llama_model_default_params()
     mp.use_extra_bufts = False  # no CPU weight repacking: the GPU backends have none either
+    mp.n_gpu_layers = 999 if on_gpu else 0
     model = llama_cpp.llama_model_load_from_file(text_path.encode(), mp)
     if not model:
         print(json.dumps({"error": f"could not load {text_path}"}))
@@ -71,7 +96,7 @@ def main(argv: list[str]) -> int:
     llama_cpp.llama_batch_free(batch)
 
     mtmd_log_start = len(log)
-    mmproj = {}
+    mmproj, mmproj_log_text = {}, ""
     if mmproj_path != "-":
         from llama_cpp import mtmd_cpp
 
@@ -79,7 +104,7 @@ def main(argv: list[str]) -> int:
         import tempfile
 
         mparams = mtmd_cpp.mtmd_context_params_default()
-        mparams.use_gpu = False
+        mparams.use_gpu = on_gpu
         mparams.n_threads = 2
         # mtmd's loader writes to stderr itself rather than through the log callback.
         with tempfile.TemporaryFile() as err:
@@ -93,6 +118,7 @@ def main(argv: list[str]) -> int:
                 os.close(saved)
             err.seek(0)
             clip_log = "".join(log[mtmd_log_start:]) + err.read().decode("utf-8", "replace")
+        mmproj_log_text = clip_log
         warmup = re.search(r"warmup with image size = (\d+) x (\d+)", clip_log)
         weights = re.search(r"model size:\s+([\d.]+) MiB", clip_log)
         compute = _CLIP.findall(clip_log)
@@ -111,8 +137,11 @@ def main(argv: list[str]) -> int:
             mmproj.update(image_px=image_px, image_prompt_tokens=n_img, image_eval_s=round(secs, 3))
             mtmd_cpp.mtmd_free(mctx)
     buffers: dict[str, float] = {}
+    by_device: dict[str, dict[str, float]] = {}
     for where, kind, mib in _BUFFER.findall(text_log):
         buffers[kind] = buffers.get(kind, 0.0) + float(mib)
+        by_device.setdefault(where, {})[kind] = by_device.get(where, {}).get(kind, 0.0) + float(mib)
+    vram_after = gpu_memory_used_mib() if on_gpu else None
     peak = proc.memory_info().rss
     try:
         peak = max(peak, proc.memory_full_info().uss)
@@ -120,7 +149,10 @@ def main(argv: list[str]) -> int:
         pass
     out = {"buffers_mib": buffers, "projector": mmproj, "decode_rc": rc, "decoded_tokens": n,
            "load_s": round(load_s, 3), "rss_growth_mib": round((proc.memory_info().rss - rss_before) / 2**20, 1),
-           "peak_rss_mib": round(peak / 2**20, 1), "backend": "cpu"}
+           "peak_rss_mib": round(peak / 2**20, 1), "buffers_by_device_mib": by_device,
+           "backend": "gpu" if on_gpu else "cpu", "projector_log_device": _clip_device(mmproj_log_text),
+           "vram_used_mib": {"before": vram_before, "after": vram_after,
+                             "growth": (vram_after - vram_before) if vram_before is not None and vram_after is not None else None}}
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)
     print(json.dumps(out))
