@@ -80,7 +80,7 @@ def test_unknown_config_key_names_the_override(ws):
 def test_unsupported_stage_type_lists_supported(ws):
     edit(ws, lambda d: d["stages"].append({"type": "eval", "benchmarks": ["mmlu"]}))
     msg = refusal()
-    assert "$.stages[2].type" in msg and "'eval'" in msg
+    assert "$.stages[3].type" in msg and "'eval'" in msg
     assert "modality, quant, source-config" in msg
 
 

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""On a GPU machine: run the project's own stages with a GPU build of the pinned llama.cpp, check
+full offload, and measure VRAM against the envelope's estimate for the corvette tier.
+
+Not a test (CI has no GPU). Run after scripts/gpu/build.sh has built the libraries (see
+docs/gpu/README.md for the whole recipe and the `device` call):
+
+    python3 scripts/gpu_forge.py --backend cuda --lib /tmp/forge-gpu/prefix-cuda/lib --out $OUT
+
+Per backend:
+  demo  -- the demo alloy through `doit` at tier corvette with backend=<backend> and
+           smoke.gpu=required: generate, convert, imatrix, quantize, gate, envelope, smoke (the smoke
+           fails the variant if any layer, the output or the projector is not on the GPU);
+  9b    -- the real Qwen3.5-9B layout (shapes/9b.json) as a sparse Q4_K_M GGUF (every tensor's type
+           and size from llama-quantize --dry-run, zeros for data: llama.cpp allocates exactly what
+           it would for real weights) plus the real-layout projector: smoke_run and measure on the
+           GPU. Zero weights make the smoke's outputs trivial; placement, buffers and speed are real.
+For both: VRAM as the driver reports it (used before and after loading), llama.cpp's per-device
+buffer report, and the envelope's GPU-resident estimate, with the error in %.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MiB = 2**20
+
+
+def sh(cmd, env, log, timeout=1800):
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    log.write(f"$ {' '.join(map(str, cmd))}\n{proc.stdout}\n{proc.stderr}\n-- rc {proc.returncode} in "
+              f"{time.monotonic() - t0:.1f} s\n")
+    log.flush()
+    return proc
+
+
+def last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON report in the output")
+
+
+def gpu_resident(terms: list[dict]) -> int:
+    return sum(t["bytes"] for t in terms if t["where"] == "gpu")
+
+
+def measured_gpu(m: dict) -> int:
+    """llama.cpp's GPU buffers (every non-host device) plus the projector's weights and compute."""
+    host = re.compile(r"^(CPU|CPU_Mapped|CPU_REPACK|.*_Host)$", re.I)
+    text = sum(mib for dev, kinds in m["buffers_by_device_mib"].items() if not host.match(dev)
+               for kind, mib in kinds.items() if kind != "output")
+    proj = (m["projector"].get("weights_mib") or 0) + (m["projector"].get("compute_mib") or 0)
+    return int((text + proj) * MiB)
+
+
+def measure(text, mmproj, rt, env, log) -> dict:
+    proc = sh([sys.executable, "-m", "compiler.measure", str(text), str(mmproj), str(rt["n_ctx"]),
+               str(rt["n_seq_max"]), str(rt["n_batch"]), str(rt["max_image_px"]), "gpu"], env, log)
+    return last_json(proc.stdout)
+
+
+def smoke(text, mmproj, rt, env, log, work: Path) -> dict:
+    params = work / "smoke-params.json"
+    params.write_text(json.dumps({"n_ctx": rt["n_ctx"], "n_seq_max": rt["n_seq_max"], "n_batch": rt["n_batch"],
+                                  "kv_unified": True, "gpu": GPU_MODE, "max_tokens": 8, "image_px": 448,
+                                  "vision_items": 4}))
+    proc = sh([sys.executable, "-m", "compiler.smoke_run", str(text), str(mmproj), str(params)], env, log)
+    return last_json(proc.stdout)
+
+
+def row(shape, backend, place, est_terms, m, smoke_report, extra=None) -> dict:
+    from compiler import placement
+
+    est = gpu_resident(est_terms)
+    meas = measured_gpu(m)
+    growth = m["vram_used_mib"]["growth"]
+    t = smoke_report.get("timings", {})
+    return {"shape": shape, "backend": backend,
+            "layers_offloaded": place["layers_offloaded"], "projector_device": place["projector_device"],
+            "offload_problems": placement.problems(place),
+            "estimate_gpu_mib": round(est / MiB, 1), "llama_gpu_buffers_mib": round(meas / MiB, 1),
+            "error_vs_buffers_pct": round(100 * (est - meas) / meas, 2) if meas else None,
+            "vram_growth_mib": growth,
+            "error_vs_vram_pct": round(100 * (est / MiB - growth) / growth, 2) if growth else None,
+            "prompt_tok_s": t.get("prompt_tokens_per_s"), "gen_tok_s": t.get("generation_tokens_per_s"),
+            "batched_gen_tok_s": t.get("batched_generation_tokens_per_s"),
+            "image_encode_ms": t.get("image_encode_ms"),
+            "isolated": smoke_report.get("personas", {}).get("isolated"), **(extra or {})}
+
+
+GPU_MODE = "required"
+
+
+def run_demo(backend, env, work, log) -> dict:
+    """The demo alloy through doit, every stage, at tier corvette on this backend."""
+    args = ["alloy=demo", "tier=corvette", f"backend={backend}", f"smoke.gpu={GPU_MODE}"]
+    t0 = time.monotonic()
+    proc = sh([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT), *args], env, log)
+    stages = dict(re.findall(r"^  (\S+?):\S+: done in ([\d.]+) s", proc.stdout, re.M))
+    if proc.returncode != 0:
+        return {"shape": "demo (tiny)", "backend": backend, "error": (proc.stdout + proc.stderr)[-1500:],
+                "stages_s": stages}
+    vdir = Path(env["FORGE_BUILD_DIR"]) / "variants"
+    folder = next(p for p in vdir.iterdir() if p.name.startswith("demo@") and f"backend-{backend}" in p.name)
+    text = next(folder.glob("demo-*.gguf"))
+    mmproj = next(folder.glob("mmproj-*.gguf"))
+    store = Path(env["FORGE_BUILD_DIR"]) / "store"
+    smoke_json = next(p for p in store.glob("smoke/*/smoke.json")
+                      if json.loads((p.parent / "manifest.json").read_text())["params"]["run"]["backend"] == backend)
+    env_json = next(p for p in store.glob("envelope/*/envelope.json") if json.loads(p.read_text())["backend"] == backend)
+    report = json.loads(smoke_json.read_text())
+    est = json.loads(env_json.read_text())
+    rt = est["runtime"]
+    m = measure(text, mmproj, rt, env, log)
+    place = report["placement"]
+    return row("demo (tiny)", backend, place, est["terms"], m, report,
+               {"stages_s": stages, "doit_s": round(time.monotonic() - t0, 1), "smoke_passed": report["passed"],
+                "measured": m})
+
+
+def run_sparse(shape, backend, env, work, log) -> dict:
+    """A real layout as a sparse Q4_K_M GGUF: smoke_run and measure on the GPU, the estimate beside."""
+    from compiler import config, envelope, sizing
+    from compiler.fit import quantized_layout, references
+    from compiler.ggufcheck import read_layout
+    from compiler.toolchain import fingerprint
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_envelope import sparse_quantized
+
+    t0 = time.monotonic()
+    text_ref, mmproj_ref = references(shape, work / "plan")  # shared by both backends
+    fp = fingerprint()
+    dry = sizing.dry_run(text_ref, "Q4_K_M", fp)
+    qpath = work / "plan" / shape / "text-Q4_K_M.sparse.gguf"
+    if not qpath.is_file():
+        sparse_quantized(text_ref, dry, qpath)
+    prep_s = round(time.monotonic() - t0, 1)
+    cfg = config.compose("corvette", "q4_k_m", [f"backend={backend}"])
+    rt = envelope.runtime(cfg)
+    text = envelope.text_shape(quantized_layout(read_layout(text_ref), dry))
+    vision = envelope.vision_shape(read_layout(mmproj_ref))
+    terms = envelope.estimate(text, vision, rt, gpu=True)
+    report = smoke(qpath, mmproj_ref, rt, env, log, work)
+    m = measure(qpath, mmproj_ref, rt, env, log)
+    return row(f"{shape} (sparse Q4_K_M)", backend, report["placement"], terms, m, report,
+               {"prep_s": prep_s, "file_mib": round(qpath.stat().st_size / MiB, 1), "measured": m,
+                "smoke_error": report.get("personas", {}).get("error")})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", required=True, choices=["cuda", "vulkan"])
+    ap.add_argument("--lib", required=True, help="folder with libllama.so, libmtmd.so and the ggml libraries")
+    ap.add_argument("--shapes", default="demo,9b")
+    ap.add_argument("--gpu-mode", default="required", help="smoke.gpu: required on the GPU machine; auto to try the "
+                    "script on a CPU-only machine")
+    ap.add_argument("--work", default="/tmp/forge-gpu/work")
+    ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "build" / "gpu")))
+    args = ap.parse_args()
+    # One build dir for both backends: the demo's source, conversion and quantization are made once;
+    # envelope and smoke are keyed by the backend and run for each.
+    global GPU_MODE
+    GPU_MODE = args.gpu_mode
+    work = Path(args.work)
+    out = Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LLAMA_CPP_LIB_PATH": args.lib, "MTMD_CPP_LIB": args.lib, "FORGE_BUILD_DIR": str(work / "build"),
+           "FORGE_REGISTRY": str(work / "registry.json"), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    os.environ.update({k: env[k] for k in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB", "FORGE_BUILD_DIR")})
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        gpu = "no NVIDIA GPU (nvidia-smi not found)"
+    rows = []
+    with open(out / f"gpu-{args.backend}.log", "w") as log:
+        for shape in args.shapes.split(","):
+            print(f"[gpu] {args.backend} {shape} ...", flush=True)
+            try:
+                r = run_demo(args.backend, env, work, log) if shape == "demo" else run_sparse(shape, args.backend, env, work, log)
+            except Exception as e:  # keep what the other shapes give
+                r = {"shape": shape, "backend": args.backend, "error": f"{type(e).__name__}: {e}"}
+            rows.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "measured"}), flush=True)
+    result = {"card": gpu, "host": f"{platform.machine()}, {os.cpu_count()} cores", "backend": args.backend,
+              "rows": rows}
+    (out / f"gpu-{args.backend}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if all("error" not in r and not r.get("offload_problems") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
