@@ -97,6 +97,7 @@ def main(argv: list[str]) -> int:
 
     mtmd_log_start = len(log)
     mmproj, mmproj_log_text = {}, ""
+    vram_after = None
     if mmproj_path != "-":
         from llama_cpp import mtmd_cpp
 
@@ -135,13 +136,16 @@ def main(argv: list[str]) -> int:
             _, n_img, secs = eval_image_prompt(mctx, ctx, chat(item["question"], True), png(item["image"]), 0, 0,
                                                n_batch)
             mmproj.update(image_px=image_px, image_prompt_tokens=n_img, image_eval_s=round(secs, 3))
+            # Read the device while the projector still holds its memory.
+            vram_after = gpu_memory_used_mib() if on_gpu else None
             mtmd_cpp.mtmd_free(mctx)
     buffers: dict[str, float] = {}
     by_device: dict[str, dict[str, float]] = {}
     for where, kind, mib in _BUFFER.findall(text_log):
         buffers[kind] = buffers.get(kind, 0.0) + float(mib)
         by_device.setdefault(where, {})[kind] = by_device.get(where, {}).get(kind, 0.0) + float(mib)
-    vram_after = gpu_memory_used_mib() if on_gpu else None
+    if vram_after is None and on_gpu:
+        vram_after = gpu_memory_used_mib()
     peak = proc.memory_info().rss
     try:
         peak = max(peak, proc.memory_full_info().uss)

@@ -28,6 +28,9 @@ import json
 import sys
 import time
 
+# llama.cpp's libraries must load before numpy's: with the GPU image's numpy imported first, the
+# CUDA build segfaulted inside llama_model_load_from_file (seen on an H100; llama_cpp first: fine).
+import llama_cpp  # noqa: F401  (imported for its load order)
 import numpy as np
 
 
@@ -58,6 +61,8 @@ class Session:
         t0 = time.monotonic()
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = 999 if self.on_gpu else 0
+        # No CPU weight repacking beside a GPU: no layer runs on the CPU there (as in measure.py).
+        mp.use_extra_bufts = not self.on_gpu
         self.model = llama_cpp.llama_model_load_from_file(text_path.encode(), mp)
         if not self.model:
             raise RuntimeError(f"could not load {text_path}")

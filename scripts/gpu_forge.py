@@ -159,7 +159,30 @@ def run_sparse(shape, backend, env, work, log) -> dict:
                 "smoke_error": report.get("personas", {}).get("error")})
 
 
+def render(results: list[dict]) -> str:
+    """One markdown table from the JSON of one or more backends."""
+    lines = [f"GPU: {results[0]['card']} ({results[0]['host']})", "",
+             "| backend | model | layers on GPU | projector on | estimate (GPU) MiB | llama.cpp GPU buffers MiB | error | "
+             "VRAM growth MiB | error | prompt tok/s | gen tok/s (1 seq / batched) | image encode ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            if "error" in r:
+                lines.append(f"| {r['backend']} | {r['shape']} | failed: {r['error'][-120:]!r} |||||||||")
+                continue
+            lo = r["layers_offloaded"]
+            lines.append(
+                f"| {r['backend']} | {r['shape']} | {lo[0]}/{lo[1]} | {r['projector_device']} | {r['estimate_gpu_mib']} | "
+                f"{r['llama_gpu_buffers_mib']} | {r['error_vs_buffers_pct']:+.2f}% | {r['vram_growth_mib']} | "
+                f"{r['error_vs_vram_pct']:+.2f}% | {r['prompt_tok_s']} | {r['gen_tok_s']} / {r['batched_gen_tok_s']} | "
+                f"{r['image_encode_ms']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--render"]:
+        print(render([json.loads(Path(p).read_text()) for p in sys.argv[2:]]), end="")
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", required=True, choices=["cuda", "vulkan"])
     ap.add_argument("--lib", required=True, help="folder with libllama.so, libmtmd.so and the ggml libraries")

@@ -91,3 +91,12 @@ def test_smoke_reruns_when_tier_settings_change_and_not_otherwise(demo_workspace
     assert_ok(run)
     assert "smoke:demo" in run.executed and "envelope:demo" in run.executed
     assert not any(t.startswith(("quantize:", "gate:", "convert:")) for t in run.executed)
+
+
+def test_smoke_with_gpu_required_fails_on_a_machine_without_one(demo_workspace):
+    # The product forbids a CPU fallback: asked to run on a GPU, the smoke stage must not quietly
+    # run on the CPU. This machine's llama.cpp has no GPU device, so the variant stops at smoke.
+    run = demo_workspace.doit("alloy=demo", "smoke.gpu=required")
+    assert run.proc.returncode != 0
+    assert "gpu=required but this llama.cpp build has no GPU device" in run.out
+    assert not any(t.startswith("receipt:demo@") for t in run.executed)
