@@ -81,7 +81,7 @@ def test_unsupported_stage_type_lists_supported(ws):
     edit(ws, lambda d: d["stages"].append({"type": "eval", "benchmarks": ["mmlu"]}))
     msg = refusal()
     assert "$.stages[3].type" in msg and "'eval'" in msg
-    assert "modality, quant, source-config" in msg
+    assert "modality, publish, quant, source-config" in msg
 
 
 @pytest.mark.parametrize("bad", ["../escape", "a/b", "..", ".hidden"])
