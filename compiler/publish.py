@@ -70,8 +70,8 @@ def card(variant, receipt: dict, envelope: dict, lock_entry: dict, repo: str) ->
              alloy.data.get("description", ""), "",
              f"Forged by the forge compiler from [{alloy.source['baseModel']}](https://huggingface.co/{alloy.source['baseModel']})"
              + (f" at commit `{lock_entry['source']['resolvedRevision']}`" if lock_entry["source"].get("resolvedRevision") else
-                f" (revision `{alloy.source['revision']}`)") + ": a quantized text model and its vision projector (mmproj), "
-             "meant to run together, fully on the GPU.", "",
+                f" (revision `{alloy.source['revision']}`)") + (": a quantized text model and its vision projector (mmproj), "
+             "meant to run together, fully on the GPU." if mmproj else ": a quantized text model, meant to run fully on the GPU."), "",
              "## Files", "", "| file | role | size | sha256 |", "| --- | --- | ---: | --- |"]
     for f in files:
         role = "vision projector (mmproj)" if f is mmproj else f"text model, {variant.label}"
@@ -111,17 +111,26 @@ def card(variant, receipt: dict, envelope: dict, lock_entry: dict, repo: str) ->
         pm = bench["vision-preservation"]["metrics"]
         lines.append(f"| vision preservation | {pm['towerTensors']} tower tensors -> {pm['projectorTensors']} projector "
                      f"tensors | pass |")
-    mm = mmproj["filename"] if mmproj else "<projector>"
-    lines += ["", "## Run it", "", "llama.cpp (the projector goes beside the model; `-ngl 99` keeps every layer on the GPU):",
-              "", "```", f"llama-mtmd-cli -m {text['filename']} --mmproj {mm} -ngl 99 \\",
-              f"  -c {rt['n_ctx'] // rt['n_seq_max']} --image photo.jpg -p \"Describe this image.\"", "```", "",
-              "llama-cpp-python:", "", "```python", "from huggingface_hub import hf_hub_download",
-              "from llama_cpp import Llama", "from llama_cpp.llama_chat_format import Qwen25VLChatHandler", "",
-              f"model = hf_hub_download(\"{repo}\", \"{text['filename']}\")",
-              f"mmproj = hf_hub_download(\"{repo}\", \"{mm}\")",
-              f"llm = Llama(model_path=model, chat_handler=Qwen25VLChatHandler(clip_model_path=mmproj),",
-              f"            n_gpu_layers=-1, n_ctx={rt['n_ctx'] // rt['n_seq_max']})", "```", "",
-              "## Reproduce it", "",
+    n_ctx = rt["n_ctx"] // rt["n_seq_max"]
+    lines += ["", "## Run it", ""]
+    if mmproj:
+        mm = mmproj["filename"]
+        lines += ["llama.cpp (the projector goes beside the model; `-ngl 99` keeps every layer on the GPU):",
+                  "", "```", f"llama-mtmd-cli -m {text['filename']} --mmproj {mm} -ngl 99 \\",
+                  f"  -c {n_ctx} --image photo.jpg -p \"Describe this image.\"", "```", "",
+                  "llama-cpp-python:", "", "```python", "from huggingface_hub import hf_hub_download",
+                  "from llama_cpp import Llama", "from llama_cpp.llama_chat_format import Qwen25VLChatHandler", "",
+                  f"model = hf_hub_download(\"{repo}\", \"{text['filename']}\")",
+                  f"mmproj = hf_hub_download(\"{repo}\", \"{mm}\")",
+                  f"llm = Llama(model_path=model, chat_handler=Qwen25VLChatHandler(clip_model_path=mmproj),",
+                  f"            n_gpu_layers=-1, n_ctx={n_ctx})", "```", ""]
+    else:
+        lines += ["llama.cpp (`-ngl 99` keeps every layer on the GPU):", "", "```",
+                  f"llama-cli -m {text['filename']} -ngl 99 -c {n_ctx} -p \"Hello\"", "```", "",
+                  "llama-cpp-python:", "", "```python", "from llama_cpp import Llama", "",
+                  f"llm = Llama.from_pretrained(\"{repo}\", \"{text['filename']}\", n_gpu_layers=-1, n_ctx={n_ctx})",
+                  "```", ""]
+    lines += ["## Reproduce it", "",
               f"`{alloy.name}.alloy.json` in this repo is the executed recipe (with its results). With the forge "
               f"compiler's checkout, its `alloys/forge.lock.json` records the source files, the toolchain fingerprint "
               f"(`{lock_entry['toolchain']['fingerprint'][:16]}`: {lock_entry['toolchain']['source']}, "
@@ -139,8 +148,9 @@ def stage(plan, variant, lock: dict) -> Staged:
     st = Staged(variant=variant.id, repo=repo, folder=folder, files={})
     receipt = Entry("receipt", variant.steps["receipt"].key)
     if not receipt.is_complete():
-        logs = sorted((build_dir() / "logs").glob(f"*_{variant.id}*.failed.log"))
-        st.refused.append("no receipt: it is not built, or a gate (quality, envelope, smoke) failed"
+        logs = sorted(l for l in (build_dir() / "logs").glob(f"*_{variant.id}*.failed.log")
+                      if l.name.endswith(f"_{variant.id}.failed.log") or f"_{variant.id}~" in l.name)
+        st.refused.append("no receipt: it is not built, or its quality gate or smoke failed"
                           + (f" -- see {', '.join(str(l) for l in logs)}" if logs else
                              f" -- run `doit alloy={variant.alloy.name}` and read its errors"))
         return st
@@ -149,10 +159,21 @@ def stage(plan, variant, lock: dict) -> Staged:
         st.refused.append("the lock does not record it: run `doit` to write its lock entry, and commit the lock")
         return st
     st.random_weights = variant.steps["source"].kind == "synthetic" and not variant.config["registry"]["include_synthetic"]
-    sources = {variant.text_filename: Entry("quantize", variant.steps["quantize"].key).output()}
-    if variant.mmproj_filename:
-        maker = variant.steps.get("mmproj-quantize") or variant.steps["projector"]
-        sources[variant.mmproj_filename] = Entry(maker.kind, maker.key).output()
+    # The receipt does not wait for the envelope; publishing does.
+    for role in ("envelope", "smoke"):
+        step = variant.steps.get(role)
+        if step is not None and not Entry(step.kind, step.key).is_complete():
+            st.refused.append(f"its {role} check did not pass (no {role} report): run `doit alloy={variant.alloy.name}`")
+    if st.refused:
+        return st
+    try:
+        sources = {variant.text_filename: Entry("quantize", variant.steps["quantize"].key).output()}
+        if variant.mmproj_filename:
+            maker = variant.steps["projector"]
+            sources[variant.mmproj_filename] = Entry(maker.kind, maker.key).output()
+    except (OSError, ValueError, IndexError, KeyError):
+        st.refused.append("its GGUFs are missing from build/store (moved aside by check-cache?): run `doit` to rebuild them")
+        return st
     recorded = {f["filename"]: f for f in lock_entry["outputs"]}
     for name, path in sources.items():
         want = recorded.get(name)

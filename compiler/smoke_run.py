@@ -77,6 +77,9 @@ class Session:
         clip_log: list[str] = []
         with placement.stderr_captured(clip_log):
             self.mctx = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), self.model, mparams) if mmproj_path else None
+        sys.stderr.write("".join(clip_log))  # the loader's own words stay in the step's log
+        if mmproj_path and not self.mctx:
+            raise RuntimeError(f"the projector {mmproj_path} did not load: {''.join(clip_log)[-800:]}")
         self.load_s = time.monotonic() - t0
         from .ggufcheck import read_layout
 
@@ -218,8 +221,8 @@ def main(argv: list[str]) -> int:
     n_seq, n_gen = params["n_seq_max"], params["max_tokens"]
     s = Session(text_path, mmproj_path, params["n_ctx"], n_seq, params["n_batch"], params.get("kv_unified", True),
                 params.get("gpu", "auto"))
-    report = {"backend": s.placement["backend"], "load_s": round(s.load_s, 3), "placement": s.placement,
-              "gpu_mode": params.get("gpu", "auto")}
+    report = {"backend": s.placement["backend"] if s.on_gpu else "cpu", "load_s": round(s.load_s, 3),
+              "placement": s.placement, "gpu_mode": params.get("gpu", "auto"), "on_gpu": s.on_gpu}
 
     # text: the same greedy completion twice
     runs = []

@@ -24,14 +24,24 @@ from .errors import ForgeError
 from .paths import ROOT, build_dir, lock_path
 from .toolchain import fingerprint_parts
 
-# Which step makes which output of a variant: the text GGUF, the projector (quantized or not).
-_OUTPUT_ROLES = ("quantize", "mmproj-quantize", "projector")
+# The steps whose keys decide an output's bytes (gate, smoke and receipt keys may change without
+# touching a byte, so they say nothing about a mismatch).
+_SHAPING_ROLES = ("source", "convert", "imatrix", "quantize", "projector")
 
 
 def selected(lock: dict, cli_vars: dict) -> list[str]:
     """Lock variant ids matching `only=` (variant ids), `alloy=` and `tier=`."""
+    if not lock["variants"]:
+        raise ForgeError("the lock records no variants: build and lock them first with `doit`", where=str(lock_path()))
+    unknown = sorted(set(cli_vars) - {"only", "alloy", "tier"})
+    if unknown:
+        raise ForgeError("verify chooses locked variants by only=, alloy= and tier= alone", where="doit verify",
+                         found=unknown, allowed=["only=<variant ids>", "alloy=<names>", "tier=<tier>"])
     ids = []
     only = set(cli_vars["only"].split(",")) if cli_vars.get("only") else None
+    if only and only - set(lock["variants"]):
+        raise ForgeError("no such variant in the lock", where=f"only={cli_vars['only']}",
+                         found=sorted(only - set(lock["variants"])), allowed=sorted(lock["variants"]))
     for vid, entry in lock["variants"].items():
         if only is not None and vid not in only:
             continue
@@ -88,13 +98,12 @@ def verify_variant(vid: str, entry: dict, fresh: Path, log) -> dict:
         return report
     report["keys_changed"] = [{"step": role, "lock": entry["keys"][role], "planned": s.key}
                               for role, s in variant.steps.items()
-                              if role in entry["keys"] and entry["keys"][role] != s.key]
+                              if role in _SHAPING_ROLES and role in entry["keys"] and entry["keys"][role] != s.key]
     current_tc = {"fingerprint": plan.toolchain, **fingerprint_parts()}
     report["toolchain_changed"] = _toolchain_diff(entry["toolchain"], current_tc)
 
-    makers = [variant.steps[r] for r in _OUTPUT_ROLES if r in variant.steps]
-    if "mmproj-quantize" in variant.steps:
-        makers = [s for s in makers if s is not variant.steps["projector"]]
+    # The projector step is the converted projector or, for a quantized one, its mmproj-quantize step.
+    makers = [variant.steps[r] for r in ("quantize", "projector") if r in variant.steps]
     targets = [s.task for s in makers]
     env = {**os.environ, "FORGE_BUILD_DIR": str(fresh), "FORGE_PINNED_REVISIONS": json.dumps(pins)}
     cmd = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "--dir", str(ROOT), *targets,

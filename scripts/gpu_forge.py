@@ -171,11 +171,12 @@ def render(results: list[dict]) -> str:
                 lines.append(f"| {r['backend']} | {r['shape']} | failed: {r['error'][-120:]!r} |||||||||")
                 continue
             lo = r["layers_offloaded"]
+            pct = lambda v: "-" if v is None else f"{v:+.2f}%"
             lines.append(
-                f"| {r['backend']} | {r['shape']} | {lo[0]}/{lo[1]} | {r['projector_device']} | {r['estimate_gpu_mib']} | "
-                f"{r['llama_gpu_buffers_mib']} | {r['error_vs_buffers_pct']:+.2f}% | {r['vram_growth_mib']} | "
-                f"{r['error_vs_vram_pct']:+.2f}% | {r['prompt_tok_s']} | {r['gen_tok_s']} / {r['batched_gen_tok_s']} | "
-                f"{r['image_encode_ms']} |")
+                f"| {r['backend']} | {r['shape']} | {f'{lo[0]}/{lo[1]}' if lo else '-'} | {r['projector_device']} | "
+                f"{r['estimate_gpu_mib']} | {r['llama_gpu_buffers_mib']} | {pct(r['error_vs_buffers_pct'])} | "
+                f"{r['vram_growth_mib'] if r['vram_growth_mib'] is not None else '-'} | {pct(r['error_vs_vram_pct'])} | "
+                f"{r['prompt_tok_s']} | {r['gen_tok_s']} / {r['batched_gen_tok_s']} | {r['image_encode_ms']} |")
     return "\n".join(lines) + "\n"
 
 

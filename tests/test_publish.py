@@ -103,3 +103,12 @@ def test_publish_refuses_files_that_differ_from_the_lock_and_a_bad_token_stays_s
                   HF_TOKEN=wrong, HF_HUB_OFFLINE="0")
     assert bad.proc.returncode != 0 and "FAILED to upload" in bad.out
     assert wrong not in bad.out and hub.repos.get(REPO, {}).get("commits", []) == []
+
+
+def test_every_publish_message_is_scrubbed_of_the_token(capsys):
+    from compiler.publish import _Scrub
+
+    say = _Scrub(TOKEN)
+    say(f"HTTP 401 for https://hub/api?token={TOKEN}: Bearer {TOKEN}")
+    out = capsys.readouterr().out
+    assert TOKEN not in out and out.count("<token>") == 2

@@ -109,3 +109,20 @@ def test_a_flipped_byte_is_found_by_check_cache_and_rebuilt_by_the_next_doit(dem
     assert "quantize:demo" in rebuilt.executed
     assert json.loads((entry / "manifest.json").read_text())["files"][0]["sha256"] == want
     assert ws.doit("check-cache").proc.returncode == 0
+
+
+def test_verify_refuses_an_empty_lock_unknown_ids_and_other_options():
+    from compiler import verify
+    from compiler.errors import ForgeError
+
+    lock = {"lockVersion": 1, "variants": {"demo": {"alloy": "demo", "tier": "m4"},
+                                           "demo@q8_0": {"alloy": "demo", "tier": "m4"}}}
+    assert verify.selected(lock, {"alloy": "demo"}) == ["demo", "demo@q8_0"]
+    assert verify.selected(lock, {"only": "demo@q8_0"}) == ["demo@q8_0"]
+    with pytest.raises(ForgeError, match="records no variants"):
+        verify.selected({"lockVersion": 1, "variants": {}}, {})
+    with pytest.raises(ForgeError, match="no such variant") as e:
+        verify.selected(lock, {"only": "demo,demo@q4_0"})
+    assert "demo@q4_0" in str(e.value)
+    with pytest.raises(ForgeError, match="only=, alloy= and tier= alone"):
+        verify.selected(lock, {"alloy": "demo", "quant": "q8_0"})

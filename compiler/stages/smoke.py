@@ -53,7 +53,9 @@ def run(step, out, inputs, log, ctx):
         f"{place['projector_device']}, host weights {place['host_model_mib']} MiB (input embedding "
         f"{place['token_embd_mib']} MiB)")
     # On a GPU backend the product forbids any CPU fallback: check it, never assume it.
-    if place["gpu_devices"] or p["run"].get("gpu") == "required":
+    # (llama.cpp makes a backend per GPU device even with no layer offloaded: gate on what the run
+    # asked for, not on which devices exist.)
+    if report.get("on_gpu") or p["run"].get("gpu") == "required":
         from ..placement import problems as offload_problems
 
         problems += [f"not fully on the GPU: {why}" for why in offload_problems(place)]
@@ -62,8 +64,9 @@ def run(step, out, inputs, log, ctx):
     if not t["logits_finite"]:
         problems.append("non-finite logits")
     if not pers["passed"]:
-        bleed = [i for i, ok in enumerate(pers["isolated"]) if not ok]
-        apart = [i for i, ok in enumerate(pers["equal_alone"]) if not ok] if gated else []
+        # After a decode error nothing was compared: say so rather than blame the sequences.
+        bleed = [i for i, ok in enumerate(pers["isolated"]) if not ok] if pers.get("error") is None else []
+        apart = [i for i, ok in enumerate(pers["equal_alone"]) if not ok] if gated and pers.get("error") is None else []
         problems.append("personas failed: "
                         + (f"sequences {bleed} change when their neighbours' prompts change (they see each "
                            f"other); " if bleed else "")
