@@ -101,24 +101,16 @@ def main(argv: list[str]) -> int:
     if mmproj_path != "-":
         from llama_cpp import mtmd_cpp
 
-        import os
-        import tempfile
+        from .placement import stderr_captured
 
         mparams = mtmd_cpp.mtmd_context_params_default()
         mparams.use_gpu = on_gpu
         mparams.n_threads = 2
         # mtmd's loader writes to stderr itself rather than through the log callback.
-        with tempfile.TemporaryFile() as err:
-            saved = os.dup(2)
-            sys.stderr.flush()
-            os.dup2(err.fileno(), 2)
-            try:
-                mctx = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), model, mparams)
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
-            err.seek(0)
-            clip_log = "".join(log[mtmd_log_start:]) + err.read().decode("utf-8", "replace")
+        err: list[str] = []
+        with stderr_captured(err):
+            mctx = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), model, mparams)
+        clip_log = "".join(log[mtmd_log_start:]) + "".join(err)
         mmproj_log_text = clip_log
         warmup = re.search(r"warmup with image size = (\d+) x (\d+)", clip_log)
         weights = re.search(r"model size:\s+([\d.]+) MiB", clip_log)
