@@ -15,7 +15,6 @@ import re
 import sys
 import time
 
-_BUFFER = re.compile(r"(\w+)\s+(model|KV|RS|compute|output) buffer size =\s+([\d.]+) MiB")
 _CLIP = re.compile(r"(CPU|\w+)?\s*compute buffer size =\s+([\d.]+) MiB")
 
 
@@ -33,11 +32,6 @@ def gpu_memory_used_mib() -> int | None:
         return int(out.stdout.strip().splitlines()[0])
     except (ValueError, IndexError):
         return None
-
-
-def _clip_device(text: str) -> str | None:
-    m = re.search(r"CLIP using (\S+) backend", text)
-    return m.group(1) if m else None
 
 
 def main(argv: list[str]) -> int:
@@ -131,11 +125,14 @@ def main(argv: list[str]) -> int:
             # Read the device while the projector still holds its memory.
             vram_after = gpu_memory_used_mib() if on_gpu else None
             mtmd_cpp.mtmd_free(mctx)
-    buffers: dict[str, float] = {}
+    from .placement import buffers_by_kind, projector_device
+
+    by_kind = buffers_by_kind(text_log)
+    buffers = {kind: sum(devs.values()) for kind, devs in by_kind.items()}
     by_device: dict[str, dict[str, float]] = {}
-    for where, kind, mib in _BUFFER.findall(text_log):
-        buffers[kind] = buffers.get(kind, 0.0) + float(mib)
-        by_device.setdefault(where, {})[kind] = by_device.get(where, {}).get(kind, 0.0) + float(mib)
+    for kind, devs in by_kind.items():
+        for device, mib in devs.items():
+            by_device.setdefault(device, {})[kind] = mib
     if vram_after is None and on_gpu:
         vram_after = gpu_memory_used_mib()
     peak = proc.memory_info().rss
@@ -146,7 +143,7 @@ def main(argv: list[str]) -> int:
     out = {"buffers_mib": buffers, "projector": mmproj, "decode_rc": rc, "decoded_tokens": n,
            "load_s": round(load_s, 3), "rss_growth_mib": round((proc.memory_info().rss - rss_before) / 2**20, 1),
            "peak_rss_mib": round(peak / 2**20, 1), "buffers_by_device_mib": by_device,
-           "backend": "gpu" if on_gpu else "cpu", "projector_log_device": _clip_device(mmproj_log_text),
+           "backend": "gpu" if on_gpu else "cpu", "projector_log_device": projector_device(mmproj_log_text),
            "vram_used_mib": {"before": vram_before, "after": vram_after,
                              "growth": (vram_after - vram_before) if vram_before is not None and vram_after is not None else None}}
     llama_cpp.llama_free(ctx)

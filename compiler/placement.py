@@ -49,22 +49,37 @@ def stderr_captured(sink: list):
             sink.append(err.read().decode("utf-8", "replace"))
 
 
-def read(load_log: str, clip_log: str, token_embd_bytes: int) -> dict:
-    """Placement of every part, from the load reports."""
-    off = _OFFLOADED.search(load_log)
+def is_host(device: str) -> bool:
+    """A buffer in host memory (CPU, mapped file, repack, pinned host buffers of a GPU backend)."""
+    return bool(_HOST.match(device))
+
+
+def buffers_by_kind(load_log: str) -> dict[str, dict[str, float]]:
+    """kind (model, KV, RS, compute, output) -> device -> MiB, from llama.cpp's buffer report."""
     buffers: dict[str, dict[str, float]] = {}
     for device, kind, mib in _BUFFER.findall(load_log):
         buffers.setdefault(kind, {})
         buffers[kind][device] = buffers[kind].get(device, 0.0) + float(mib)
+    return buffers
+
+
+def projector_device(clip_log: str) -> str | None:
     clip = _CLIP.search(clip_log)
-    host_weights = sum(m for d, m in buffers.get("model", {}).items() if _HOST.match(d))
-    gpu_devices = sorted({d for by_dev in buffers.values() for d in by_dev if not _HOST.match(d)})
+    return clip.group(1) if clip else None
+
+
+def read(load_log: str, clip_log: str, token_embd_bytes: int) -> dict:
+    """Placement of every part, from the load reports."""
+    off = _OFFLOADED.search(load_log)
+    buffers = buffers_by_kind(load_log)
+    host_weights = sum(m for d, m in buffers.get("model", {}).items() if is_host(d))
+    gpu_devices = sorted({d for by_dev in buffers.values() for d in by_dev if not is_host(d)})
     return {
         "layers_offloaded": [int(off.group(1)), int(off.group(2))] if off else None,
         "buffers_mib": buffers,
         "host_model_mib": round(host_weights, 2),
         "token_embd_mib": round(token_embd_bytes / 2**20, 2),
-        "projector_device": clip.group(1) if clip else None,
+        "projector_device": projector_device(clip_log),
         "gpu_devices": gpu_devices,
         "backend": backend_of(gpu_devices[0]) if gpu_devices else "cpu",
     }
@@ -83,10 +98,10 @@ def problems(place: dict) -> list[str]:
         out.append(f"{place['host_model_mib'] - place['token_embd_mib']:.1f} MiB of weights besides the input "
                    f"embedding are in host memory")
     for kind in ("KV", "RS"):
-        host = {d: m for d, m in place["buffers_mib"].get(kind, {}).items() if _HOST.match(d) and m > 0}
+        host = {d: m for d, m in place["buffers_mib"].get(kind, {}).items() if is_host(d) and m > 0}
         if host:
             out.append(f"the {kind} cache is in host memory ({host})")
     dev = place["projector_device"]
-    if dev is None or _HOST.match(dev):
+    if dev is None or is_host(dev):
         out.append(f"the projector runs on {dev or 'an unknown device'}, not the GPU")
     return out

@@ -58,8 +58,9 @@ def gpu_resident(terms: list[dict]) -> int:
 
 def measured_gpu(m: dict) -> int:
     """llama.cpp's GPU buffers (every non-host device) plus the projector's weights and compute."""
-    host = re.compile(r"^(CPU|CPU_Mapped|CPU_REPACK|.*_Host)$", re.I)
-    text = sum(mib for dev, kinds in m["buffers_by_device_mib"].items() if not host.match(dev)
+    from compiler.placement import is_host
+
+    text = sum(mib for dev, kinds in m["buffers_by_device_mib"].items() if not is_host(dev)
                for kind, mib in kinds.items() if kind != "output")
     proj = (m["projector"].get("weights_mib") or 0) + (m["projector"].get("compute_mib") or 0)
     return int((text + proj) * MiB)
