@@ -19,7 +19,6 @@ from pathlib import Path
 from . import config, envelope, sizing
 from .ggufcheck import read_layout
 from .paths import ROOT, build_dir
-from .toolchain import fingerprint
 
 SHAPES = ("0.8b", "2b", "4b", "9b", "27b")
 CALIBRATION_NAME = "forge-calibration-v1.txt"
@@ -49,7 +48,6 @@ def quantized_layout(ref_layout: dict, dry: dict) -> dict:
 
 
 def evaluate(shapes, quants, tiers, work: Path, log=print) -> list[dict]:
-    fp = fingerprint()
     rows = []
     for shape in shapes:
         log(f"[fit] {shape}: sparse reference GGUFs")
@@ -65,7 +63,7 @@ def evaluate(shapes, quants, tiers, work: Path, log=print) -> list[dict]:
                 extra += ["--output-tensor-type", qcfg["output_type"]]
             if qcfg["token_embedding_type"]:
                 extra += ["--token-embedding-type", qcfg["token_embedding_type"]]
-            dry = sizing.dry_run(text_ref, qcfg["llama_type"], fp, extra=extra, added_meta=meta)
+            dry = sizing.dry_run(text_ref, qcfg["llama_type"], extra=extra, added_meta=meta)
             text = envelope.text_shape(quantized_layout(ref_layout, dry))
             files = dry["file_bytes"] + mmproj_ref.stat().st_size
             row = {"shape": shape, "quant": qcfg["label"], "text_file_bytes": dry["file_bytes"],

@@ -1,6 +1,6 @@
 """Where things live. Everything the build writes is under build/ (or FORGE_BUILD_DIR); the
-toolchain cache (archives, the binding's wheel, built CLI tools) is keyed by content and shared
-between checkouts under FORGE_CACHE (default ~/.cache/forge)."""
+toolchain cache (the source archive, the binding's Python-only wheel, the compiled llama.cpp) is
+keyed by content and shared between checkouts under FORGE_CACHE (default ~/.cache/forge)."""
 from __future__ import annotations
 
 import os

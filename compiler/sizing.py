@@ -116,7 +116,7 @@ def imatrix_metadata(corpus_name: str) -> dict:
             "quantize.imatrix.entries_count": 0, "quantize.imatrix.chunks_count": 0}
 
 
-def dry_run(reference: Path, llama_type: str, toolchain: str, extra: list | None = None,
+def dry_run(reference: Path, llama_type: str, extra: list | None = None,
             added_meta: dict | None = None) -> dict:
     """Each tensor's target type as llama-quantize would choose it, and the exact output bytes.
 
@@ -125,7 +125,7 @@ def dry_run(reference: Path, llama_type: str, toolchain: str, extra: list | None
 
     from .ggufcheck import read_layout
 
-    cmd = [str(tool(toolchain, "llama-quantize")), "--dry-run", *(extra or []), str(reference), llama_type]
+    cmd = [str(tool("llama-quantize")), "--dry-run", *(extra or []), str(reference), llama_type]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:

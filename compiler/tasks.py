@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import execute, lockfile
 from .errors import ForgeError
 from .store import Entry
-from .toolchain import TOOLS, fingerprint_parts, tools_manifest, tools_ready
+from .toolchain import TOOLS, build_manifest, build_ready
 
 TOOL_KINDS = {"quantize", "mmproj-quantize", "imatrix", "kld-base", "gate", "receipt"}
 
@@ -20,15 +20,16 @@ def _guarded(fn, *args):
 
 
 def toolchain_task(plan) -> dict:
-    from .toolchain import build_tools
+    """The compiled llama.cpp. scripts/bootstrap.py builds it; this task finds it ready, or (after a
+    compiler change, or a cleaned cache) compiles it again and puts its libraries under the binding."""
+    from .toolchain import build_key, rebuild_for_binding
 
-    fp = plan.toolchain
     return {
         "basename": "toolchain",
-        "doc": f"build {', '.join(TOOLS)} from vendor/llama.cpp (cached by fingerprint {fp[:16]})",
-        "actions": [(_guarded, [build_tools, fp, fingerprint_parts()])],
-        "targets": [str(tools_manifest(fp))],
-        "uptodate": [lambda task, values: tools_ready(fp)],
+        "doc": f"{', '.join(TOOLS)} and the binding's libraries from vendor/llama.cpp (build {build_key()})",
+        "actions": [(_guarded, [rebuild_for_binding])],
+        "targets": [str(build_manifest())],
+        "uptodate": [lambda task, values: build_ready()],
         "verbosity": 2,
     }
 
@@ -37,7 +38,7 @@ def step_task(plan, step) -> dict:
     out = Entry(step.kind, step.key)
     deps = [str(Entry(plan.steps[t].kind, plan.steps[t].key).manifest_path) for _, t in step.inputs]
     if step.kind in TOOL_KINDS:
-        deps.append(str(tools_manifest(plan.toolchain)))
+        deps.append(str(build_manifest()))
     uptodate = [lambda task, values, out=out: out.is_complete()]
     if step.kind == "receipt":
         variant = execute.variant_of(plan, step)

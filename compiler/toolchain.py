@@ -1,24 +1,28 @@
 """The one llama.cpp: the source vendored inside the pinned llama-cpp-python archive from PyPI.
 
-The archive is fetched with pip (the only registry client that reaches PyPI here), checked against
-the sha256 pinned below, and unpacked into vendor/llama.cpp/. From that one source come the
-converter and gguf-py, the CLI tools built with cmake (build_tools), and the Python binding (built
-by scripts/bootstrap.py with the same ggml flags). The fingerprint of all this enters every
-downstream content key.
+The archive is fetched with pip, checked against the sha256 pinned below, and unpacked into
+vendor/llama.cpp/. From that one source come the converter and gguf-py, and one cmake build
+(build_llama_cpp) that gives both the CLI tools the stages run and the shared libraries the Python
+binding loads (install_binding_libs): the two consumers run the same bytes of ggml. The build is
+cached under FORGE_CACHE by a key of what shapes its bytes (build_parts); the fingerprint of that
+plus the converter's Python packages enters every downstream content key.
 
 Standard library only: scripts/bootstrap.py imports this before any dependency is installed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import ForgeError
@@ -39,9 +43,19 @@ GGML_FLAGS_X86_64 = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-D
                      "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
 GGML_FLAGS_OTHER = ["-DGGML_NATIVE=OFF"]
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-mtmd-cli")
-TOOLS_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
+# The shared libraries the Python binding loads (llama_cpp/_ggml.py, llama_cpp.py, mtmd_cpp.py). The
+# tools link against the same files: one compile gives both consumers the same bytes of ggml.
+LIBS = ("llama", "ggml", "mtmd")
+BUILD_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
                "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"]
+               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"]
+
+
+def rpath_flags() -> list[str]:
+    # llama.cpp puts executables and shared libraries in one bin/ folder; an rpath of the binary's own
+    # folder lets the tools find the libraries wherever the cache lives, with no LD_LIBRARY_PATH.
+    origin = "@loader_path" if sys.platform == "darwin" else "$ORIGIN"
+    return [f"-DCMAKE_INSTALL_RPATH={origin}"]
 
 
 def ggml_flags() -> list[str]:
@@ -63,8 +77,12 @@ def archive_path() -> Path:
     return cache_dir() / "archives" / ARCHIVE_NAME
 
 
-def fetch_archive(log=print) -> Path:
-    """The pinned source archive, downloaded once into the cache and checked by sha256."""
+def fetch_archive(python: str, log=print) -> Path:
+    """The pinned source archive, downloaded once into the cache and checked by sha256.
+
+    `python` is the interpreter whose pip downloads it: the project's venv, never the one that runs
+    the set-up (pip prepares an sdist's metadata with its build backend, scikit-build-core, which the
+    venv has from requirements.txt; a bare system Python does not)."""
     dest = archive_path()
     if dest.is_file():
         if sha256_file(dest) == ARCHIVE_SHA256:
@@ -74,7 +92,7 @@ def fetch_archive(log=print) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         log(f"fetching {PACKAGE}=={VERSION} source archive from PyPI (76 MB)...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+        cmd = [python, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps", "--no-binary", ":all:",
                "--no-build-isolation", f"{PACKAGE}=={VERSION}", "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / ARCHIVE_NAME
@@ -115,13 +133,18 @@ def unpack_vendor(archive: Path, log=print) -> Path:
     return VENDOR_DIR
 
 
+@functools.lru_cache(maxsize=None)
 def compiler_id() -> str:
-    cc = os.environ.get("CC", "cc")
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=20).stdout
-        return out.splitlines()[0].strip() if out else cc
-    except (OSError, subprocess.TimeoutExpired):
-        return f"{cc} (not found)"
+    """The C and C++ compilers' first --version lines: they shape the bytes of every k-quant."""
+    ids = []
+    for var, default in (("CC", "cc"), ("CXX", "c++")):
+        exe = os.environ.get(var, default)
+        try:
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=20).stdout
+            ids.append(out.splitlines()[0].strip() if out else exe)
+        except (OSError, subprocess.TimeoutExpired):
+            ids.append(f"{exe} (not found)")
+    return ids[0] if ids[0] == ids[1] else " / ".join(ids)
 
 
 def _pkg_version(name: str) -> str:
@@ -133,89 +156,209 @@ def _pkg_version(name: str) -> str:
         return "absent"
 
 
-def fingerprint_parts() -> dict:
-    """What the bytes of every artifact may depend on besides the recipe.
-
-    The C/C++ side: the pinned source, the cmake flags, the compiler and the CPU architecture. The
-    Python side (the converter): torch, transformers, safetensors and numpy versions."""
+def build_parts() -> dict:
+    """What the compiled llama.cpp (libraries and tools) depends on: the pinned source, the cmake
+    flags, the compiler and the CPU architecture. Nothing of Python: a torch upgrade recompiles nothing."""
     return {
         "source": f"{PACKAGE}=={VERSION} sha256:{ARCHIVE_SHA256}",
-        "flags": TOOLS_FLAGS + ggml_flags(),
+        "flags": BUILD_FLAGS + rpath_flags() + ggml_flags(),
         "compiler": compiler_id(),
         "machine": platform.machine(),
-        "python": {n: _pkg_version(n) for n in ("torch", "transformers", "safetensors", "numpy")},
     }
 
 
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def build_key(parts: dict | None = None) -> str:
+    return _digest(parts or build_parts())[:16]
+
+
+def fingerprint_parts() -> dict:
+    """What the bytes of every artifact may depend on besides the recipe: the compiled llama.cpp
+    (build_parts) and the converter's Python side (torch, transformers, safetensors, numpy)."""
+    return {**build_parts(),
+            "python": {n: _pkg_version(n) for n in ("torch", "transformers", "safetensors", "numpy")}}
+
+
 def fingerprint(parts: dict | None = None) -> str:
-    parts = parts or fingerprint_parts()
-    blob = json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return _digest(parts or fingerprint_parts())
 
 
-def tools_dir(fp: str) -> Path:
-    return cache_dir() / "tools" / fp[:16]
+def build_dir(key: str | None = None) -> Path:
+    """The one compiled llama.cpp: bin/ holds the CLI tools and the shared libraries side by side."""
+    return cache_dir() / "llama.cpp" / (key or build_key())
 
 
-def tools_manifest(fp: str) -> Path:
-    return tools_dir(fp) / "manifest.json"
+def build_manifest(key: str | None = None) -> Path:
+    return build_dir(key) / "manifest.json"
 
 
-def tools_ready(fp: str) -> bool:
-    manifest = tools_manifest(fp)
+def lib_files(folder: Path) -> list[Path]:
+    """The shared libraries in a build's bin/ (real files and their soname links)."""
+    pats = ("lib*.dylib",) if sys.platform == "darwin" else ("lib*.so", "lib*.so.*")
+    return sorted({p for pat in pats for p in folder.glob(pat)})
+
+
+def build_ready(key: str | None = None) -> bool:
+    manifest = build_manifest(key)
     if not manifest.is_file():
         return False
     data = json.loads(manifest.read_text())
-    bindir = tools_dir(fp) / "bin"
-    return all((bindir / t).is_file() and (bindir / t).stat().st_size == data["tools"][t]["size"] for t in TOOLS)
+    bindir = build_dir(key) / "bin"
+    return all((bindir / name).is_file() and (bindir / name).stat().st_size == f["size"]
+               for name, f in data["files"].items())
 
 
-def tool(fp: str, name: str) -> Path:
-    path = tools_dir(fp) / "bin" / name
+def tool(name: str) -> Path:
+    path = build_dir() / "bin" / name
     if not path.is_file():
-        raise ForgeError(f"{name} is not built", where=str(path), hint="run `doit toolchain` (or plain `doit`)")
+        raise ForgeError(f"{name} is not built", where=str(path),
+                         hint="run `python3 scripts/bootstrap.py` (it compiles llama.cpp once for the tools and the binding)")
     return path
 
 
-def build_tools(fp: str, parts: dict, log=print, jobs: int | None = None) -> Path:
-    """cmake-build the CLI tools from vendor/llama.cpp into the cache, atomically."""
-    if tools_ready(fp):
-        return tools_dir(fp)
-    if vendor_marker().read_text().strip() != ARCHIVE_SHA256 if vendor_marker().is_file() else True:
+class _Progress:
+    """Ninja's `[n/N] ...` lines turned into a line a person can follow: every 5% (and at least
+    every 30 s), the step count, elapsed time, an estimate of what is left and what is compiling."""
+
+    def __init__(self, log, label: str):
+        self.log, self.label = log, label
+        self.t0 = time.monotonic()
+        self.last_pct, self.last_t = -5, 0.0
+
+    def feed(self, line: str) -> None:
+        m = re.match(r"\[(\d+)/(\d+)\]\s+(.*)", line)
+        if not m:
+            return
+        done, total, what = int(m.group(1)), int(m.group(2)), m.group(3)
+        pct = 100 * done // total
+        now = time.monotonic() - self.t0
+        if pct < self.last_pct + 5 and now < self.last_t + 30 and done != total:
+            return
+        self.last_pct, self.last_t = pct, now
+        eta = f", about {_dur(now * (total - done) / done)} left" if done >= 5 and done < total else ""
+        target = what.rsplit("/", 1)[-1].removesuffix(".o")
+        self.log(f"{self.label} {done}/{total} ({pct}%) {_dur(now)} elapsed{eta}: {target}")
+
+
+def _dur(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def build_llama_cpp(log=print, jobs: int | None = None, ninja: str | None = None) -> Path:
+    """cmake-build vendor/llama.cpp once into the cache, atomically: the CLI tools the stages run
+    and the shared libraries the Python binding loads, linked against each other.
+
+    The full compiler output goes to the build's log; the terminal gets a progress line."""
+    parts = build_parts()
+    key = build_key(parts)
+    if build_ready(key):
+        return build_dir(key)
+    if not vendor_marker().is_file() or vendor_marker().read_text().strip() != ARCHIVE_SHA256:
         raise ForgeError("vendor/llama.cpp is missing or not from the pinned archive", where=str(VENDOR_DIR),
                          hint="run `python3 scripts/bootstrap.py`")
-    final = tools_dir(fp)
+    final = build_dir(key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=final.name + ".partial-", dir=final.parent))
+    for stale in final.parent.glob(key + ".partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # a killed build's leftovers (keyed: never another key's)
+    work = Path(tempfile.mkdtemp(prefix=key + ".partial-", dir=final.parent))
     jobs = jobs or os.cpu_count() or 2
-    configure = ["cmake", "-S", str(VENDOR_DIR), "-B", str(work / "cmake"), "-G", "Ninja"] + TOOLS_FLAGS + ggml_flags()
-    if shutil.which("ninja") is None:
-        configure.remove("-G")
-        configure.remove("Ninja")
-    build = ["cmake", "--build", str(work / "cmake"), "-j", str(jobs), "--target", *TOOLS]
-    for cmd in (configure, build):
-        log("$ " + " ".join(cmd))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            log(line.rstrip())
-        if proc.wait() != 0:
-            raise ForgeError(f"building llama.cpp tools failed (exit {proc.returncode})", where=" ".join(cmd[:3]),
-                             hint=f"the full log is above; the partial build is in {work}")
+    ninja = ninja or shutil.which("ninja")
+    generator = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
+    configure = ["cmake", "-S", str(VENDOR_DIR), "-B", str(work / "cmake"), *generator, *parts["flags"]]
+    build = ["cmake", "--build", str(work / "cmake"), "-j", str(jobs), "--target", *LIBS, *TOOLS]
+    logfile = work / "build.log"
+    t0 = time.monotonic()
+    log(f"compiling llama.cpp ({', '.join(TOOLS)} and lib{', lib'.join(LIBS)}) with {jobs} jobs; "
+        f"full log: {logfile}")
+    progress = _Progress(log, "  llama.cpp")
+    with open(logfile, "w") as out:
+        for cmd in (configure, build):
+            out.write("$ " + " ".join(cmd) + "\n")
+            out.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            tail = []
+            for line in proc.stdout:
+                out.write(line)
+                tail = (tail + [line.rstrip()])[-25:]
+                progress.feed(line)
+            if proc.wait() != 0:
+                raise ForgeError(f"compiling llama.cpp failed (exit {proc.returncode})", where=" ".join(cmd[:3]),
+                                 found="\n".join(tail), hint=f"full log: {logfile}")
+    src = work / "cmake" / "bin"
     bindir = work / "bin"
     bindir.mkdir()
-    tools = {}
-    for t in TOOLS:
-        src = work / "cmake" / "bin" / t
-        shutil.copy2(src, bindir / t)
-        tools[t] = {"sha256": sha256_file(bindir / t), "size": (bindir / t).stat().st_size}
+    files = {}
+    for path in [src / t for t in TOOLS] + lib_files(src):
+        if path.is_symlink():
+            os.symlink(os.readlink(path), bindir / path.name)
+            continue
+        shutil.copy2(path, bindir / path.name)
+        files[path.name] = {"sha256": sha256_file(bindir / path.name), "size": (bindir / path.name).stat().st_size}
     shutil.rmtree(work / "cmake")
-    (work / "manifest.json").write_text(json.dumps({"fingerprint": fp, "parts": parts, "tools": tools},
-                                                   indent=2, sort_keys=True) + "\n")
+    seconds = round(time.monotonic() - t0, 1)
+    manifest = {"key": key, "parts": parts, "files": files, "seconds": seconds,
+                "tools": {t: files[t] for t in TOOLS}}
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(work, final)
+    log(f"llama.cpp compiled in {_dur(seconds)}, cached in {final}")
     return final
+
+
+BINDING_RECORD = "forge-build.json"
+
+
+def install_binding_libs(package_lib: Path, key: str | None = None) -> dict:
+    """Put the compiled shared libraries where llama_cpp loads them (its package's lib/ folder):
+    hard links to the cached files where the file system allows, copies otherwise; either way the
+    same bytes the tools run. Records the build key beside them."""
+    key = key or build_key()
+    bindir = build_dir(key) / "bin"
+    manifest = json.loads(build_manifest(key).read_text())
+    package_lib.mkdir(parents=True, exist_ok=True)
+    for old in lib_files(package_lib):
+        old.unlink()
+    for src in lib_files(bindir):
+        dst = package_lib / src.name
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    record = {"key": key, "libs": {n: f for n, f in manifest["files"].items() if n not in TOOLS}}
+    (package_lib / BINDING_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def binding_matches(package_lib: Path, key: str | None = None) -> bool:
+    record = package_lib / BINDING_RECORD
+    if not record.is_file():
+        return False
+    data = json.loads(record.read_text())
+    return data.get("key") == (key or build_key()) and all(
+        (package_lib / n).is_file() and (package_lib / n).stat().st_size == f["size"] for n, f in data["libs"].items())
+
+
+def rebuild_for_binding(log=print) -> Path:
+    """Compile llama.cpp if this machine's build is missing (a cleaned cache, another compiler),
+    then put its libraries under the binding this interpreter runs, so tools and binding stay one."""
+    import importlib.util
+
+    folder = build_llama_cpp(log=log, ninja=shutil.which("ninja", path=str(Path(sys.executable).parent)))
+    spec = importlib.util.find_spec("llama_cpp")  # finds the package without importing (and loading) it
+    if spec is not None and spec.submodule_search_locations:
+        lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
+        if not binding_matches(lib):
+            install_binding_libs(lib)
+            log(f"binding's libraries now from llama.cpp build {build_key()} ({lib})")
+    return folder
 
 
 def converter() -> Path:
     return VENDOR_DIR / "convert_hf_to_gguf.py"
-

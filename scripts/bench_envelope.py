@@ -27,7 +27,6 @@ from compiler import config, envelope, sizing  # noqa: E402
 from compiler.fit import quantized_layout, references  # noqa: E402
 from compiler.ggufcheck import read_layout  # noqa: E402
 from compiler.paths import build_dir  # noqa: E402
-from compiler.toolchain import fingerprint  # noqa: E402
 
 # What peers published for Qwen3.5-family memory (FACTS.md): error of their estimate vs llama.cpp.
 PEERS = [("gguf-parser-go, qwen35moe KV (issue #28)", "~+300% (about 4x)"),
@@ -71,13 +70,12 @@ def main() -> int:
     ap.add_argument("--tiers", default="m4,air")
     ap.add_argument("--json")
     args = ap.parse_args()
-    fp = fingerprint()
     work = build_dir() / "plan"
     rows = []
     for shape in args.shapes.split(","):
         text_ref, mmproj_ref = references(shape, work)
         qcfg = config.compose("m4", args.quant, [])["quant"]
-        dry = sizing.dry_run(text_ref, qcfg["llama_type"], fp)
+        dry = sizing.dry_run(text_ref, qcfg["llama_type"])
         qpath = sparse_quantized(text_ref, dry, work / shape / f"text-{qcfg['label']}.sparse.gguf")
         text = envelope.text_shape(quantized_layout(read_layout(text_ref), dry))
         vision = envelope.vision_shape(read_layout(mmproj_ref))

@@ -136,14 +136,12 @@ def run_sparse(shape, backend, env, work, log) -> dict:
     from compiler import config, envelope, sizing
     from compiler.fit import quantized_layout, references
     from compiler.ggufcheck import read_layout
-    from compiler.toolchain import fingerprint
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench_envelope import sparse_quantized
 
     t0 = time.monotonic()
     text_ref, mmproj_ref = references(shape, work / "plan")  # shared by both backends
-    fp = fingerprint()
-    dry = sizing.dry_run(text_ref, "Q4_K_M", fp)
+    dry = sizing.dry_run(text_ref, "Q4_K_M")
     qpath = work / "plan" / shape / "text-Q4_K_M.sparse.gguf"
     if not qpath.is_file():
         sparse_quantized(text_ref, dry, qpath)

@@ -195,6 +195,6 @@ def test_quantize_killed_midway_is_never_taken_as_done(demo_workspace):
 
     imatrix = ws.build / "store" / "imatrix" / lock["keys"]["imatrix"]
     clean = ws.root / "clean-Q6_K.gguf"
-    subprocess.run([str(tool(lock["toolchain"]["fingerprint"], "llama-quantize")), "--imatrix", "imatrix.gguf",
+    subprocess.run([str(tool("llama-quantize")), "--imatrix", "imatrix.gguf",
                     str(convert), str(clean), "Q6_K", "2"], check=True, capture_output=True, cwd=imatrix)
     assert sha256(out) == sha256(clean)

@@ -27,7 +27,7 @@ def test_sizes_from_config_alone_match_real_quantize_output(demo_workspace, tmp_
     for vid, entry in lock.items():
         out = next(o for o in entry["outputs"] if not o["filename"].startswith("mmproj-"))
         meta = sizing.imatrix_metadata("forge-calibration-v1.txt") if entry["keys"].get("imatrix") else None
-        predicted = sizing.dry_run(ref, entry["quant"], entry["toolchain"]["fingerprint"], added_meta=meta)
+        predicted = sizing.dry_run(ref, entry["quant"], added_meta=meta)
         assert predicted["file_bytes"] == out["size"], (vid, entry["quant"])
         checked += 1
     assert checked >= 3

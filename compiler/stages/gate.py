@@ -31,7 +31,7 @@ def run_base(step, out, inputs, log, ctx):
     p = step.params
     text = project_file(p["file"])
     model = inputs["model"].output()
-    cmd = [tool(ctx["toolchain"], "llama-perplexity"), "-m", model, "-f", text.name,
+    cmd = [tool("llama-perplexity"), "-m", model, "-f", text.name,
            "--kl-divergence-base", out.path("base.kld"), "-c", str(p["ctx"]), "--chunks", str(p["chunks"]),
            "-t", _threads()]
     log.run(cmd, f"record reference logits on {text.name}", cwd=text.parent)
@@ -69,7 +69,7 @@ def run_gate(step, out, inputs, log, ctx):
     p = step.params
     model = inputs["model"].output()
     base = inputs["base"].file("base.kld")
-    cmd = [tool(ctx["toolchain"], "llama-perplexity"), "-m", model, "--kl-divergence-base", base,
+    cmd = [tool("llama-perplexity"), "-m", model, "--kl-divergence-base", base,
            "--kl-divergence", "-c", str(p["ctx"]), "--chunks", str(p["chunks"]), "-t", _threads()]
     figures = parse(log.run(cmd, f"compare {p['label']} with the reference on {p['file'].split('/')[-1]}"))
     rows = judge(figures, p["thresholds"])

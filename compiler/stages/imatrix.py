@@ -16,7 +16,7 @@ def run(step, out, inputs, log, ctx):
     p = step.params
     corpus = project_file(p["corpus"])
     model = inputs["model"].output()
-    cmd = [tool(ctx["toolchain"], "llama-imatrix"), "-m", model, "-f", corpus.name, "-o", out.path("imatrix.gguf"),
+    cmd = [tool("llama-imatrix"), "-m", model, "-f", corpus.name, "-o", out.path("imatrix.gguf"),
            "-c", str(p["ctx"]), "--chunks", str(p["chunks"]), "-t", str(os.cpu_count() or 2), "--no-ppl"]
     if p["process_output"]:
         cmd.append("--process-output")

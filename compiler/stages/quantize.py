@@ -13,9 +13,9 @@ def llama_type(step) -> str:
     return step.params.get("llama_type") or step.params["type"].upper()
 
 
-def command(step, toolchain: str, source, output) -> list:
+def command(step, source, output) -> list:
     p = step.params
-    cmd = [tool(toolchain, "llama-quantize")]
+    cmd = [tool("llama-quantize")]
     if p.get("output_type"):
         cmd += ["--output-tensor-type", p["output_type"]]
     if p.get("token_embedding_type"):
@@ -31,7 +31,7 @@ def run(step, out, inputs, log, ctx):
     source = entry.output()
     ggufcheck.check(source, what=f"{role} GGUF to quantize")
     name = f"{role}-{llama_type(step)}.gguf"
-    cmd = command(step, ctx["toolchain"], source, out.path(name))
+    cmd = command(step, source, out.path(name))
     cwd = None
     if "imatrix" in inputs:
         # quantize writes the imatrix path string into the GGUF (quantize.imatrix.file): run in the

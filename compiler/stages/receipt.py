@@ -9,7 +9,7 @@ import json
 
 from .. import __version__
 from ..alloy import canonical_json
-from ..toolchain import ARCHIVE_SHA256, LLAMA_CPP_COMMIT, tools_manifest
+from ..toolchain import ARCHIVE_SHA256, LLAMA_CPP_COMMIT, build_manifest
 
 
 def model_hash(file_hashes: list[dict]) -> str:
@@ -74,7 +74,7 @@ def smoke_benchmarks(entry) -> list[dict]:
 def run(step, out, inputs, log, ctx):
     variant = ctx["variant"]
     files = file_hashes(variant, inputs)
-    tools = json.loads(tools_manifest(ctx["toolchain"]).read_text())["tools"]
+    tools = json.loads(build_manifest().read_text())["tools"]
     executed = json.loads(json.dumps(variant.alloy.data))
     executed["results"] = {
         "integrity": {
