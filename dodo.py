@@ -20,8 +20,9 @@ from compiler.tasks import build_task_names, check_cache_task, publish_task, tas
 
 build_dir().mkdir(parents=True, exist_ok=True)
 CLI_VARS = dict(doit_cmd._CMDLINE_VARS or {})
-# Options of verify (only=<variant ids>, keep=1) and publish (push=1), not configuration overrides.
-TASK_OPTIONS = ("only", "keep", "push")
+# Options of verify (only=<variant ids>, keep=1), publish (push=1) and the lock (lock=1: record
+# command-line experiments in the committed lock), not configuration overrides.
+TASK_OPTIONS = ("only", "keep", "push", "lock")
 
 try:
     PLAN = compile_graph({k: v for k, v in CLI_VARS.items() if k not in TASK_OPTIONS})
@@ -30,8 +31,9 @@ except ForgeError as e:
     sys.exit(2)
 
 DOIT_CONFIG = {
-    "dep_file": str(build_dir() / ".doit.db"),
-    "backend": "json",
+    "dep_file": str(build_dir() / ".doit.sqlite"),
+    # sqlite3: two doit runs on one build dir may read and write doit's own record at once.
+    "backend": "sqlite3",
     "continue": True,       # an unreachable source fails its alloy; the others still build
     "verbosity": 2,
     "action_string_formatting": "new",
@@ -41,7 +43,7 @@ DOIT_CONFIG = {
 
 
 def task_forge():
-    yield from tasks(PLAN)
+    yield from tasks(PLAN, record_experiments=CLI_VARS.get("lock", "") not in ("", "0", "false"))
 
 
 def task_verify():

@@ -11,9 +11,10 @@ from pathlib import Path
 from .errors import ForgeError
 from .paths import SCHEMA_DIR
 
-# Stage types this compiler turns into build steps. forge-alloy knows more (eval, publish, prune,
-# train...); an alloy that asks for one of those is refused rather than silently half-built.
-SUPPORTED_STAGES = ("source-config", "modality", "quant", "publish")
+# Stage types this compiler turns into build steps (schema/alloy.schema.json allows these only).
+# forge-alloy knows more (eval, prune, train...); an alloy that asks for one of those is refused
+# rather than silently half-built.
+SUPPORTED_STAGES = ("modality", "quant", "publish")
 ALLOY_SUFFIX = ".alloy.json"
 
 
@@ -22,7 +23,7 @@ class Alloy:
     name: str
     path: Path
     data: dict
-    alloy_hash: str  # sha256 of the recipe's canonical JSON, as forge-alloy's receipt.alloyHash
+    alloy_hash: str  # sha256 of the recipe's canonical JSON, as forge-alloy's results.integrity.alloyHash
 
     @property
     def tier(self) -> str:
@@ -52,12 +53,12 @@ class Alloy:
 
     @property
     def vision(self) -> bool:
-        modality = self.stage("modality")
-        return "vision" in modality.get("modalities", ["text", "vision"])
+        """forge-alloy's modality stage adds a modality: with none the variant is text only."""
+        return self.stage("modality").get("modality") == "vision"
 
     @property
     def allow_patterns(self) -> list[str] | None:
-        return self.stage("source-config").get("allowPatterns")
+        return self.source.get("allowPatterns")
 
 
 def canonical_json(obj) -> bytes:
@@ -143,6 +144,20 @@ def load(path: Path) -> Alloy:
             )
     if sum(1 for s in data["stages"] if s["type"] == "quant") != 1:
         raise ForgeError("an alloy needs exactly one quant stage", where=f"{where} $.stages")
+    for i, stage in enumerate(data["stages"]):
+        # The compiler converts the vision tower the checkpoint carries; a foreign encoder would
+        # need a projector trained for it, which nothing here does.
+        if stage["type"] == "modality" and stage["encoderModel"] != data["source"]["baseModel"]:
+            raise ForgeError(
+                "the vision encoder must be the source checkpoint's own tower",
+                where=f"{where} $.stages[{i}].encoderModel", found=stage["encoderModel"],
+                allowed=[data["source"]["baseModel"]],
+            )
+        if stage["type"] == "publish" and "repo" in stage and stage["repo"].split("/")[0] != stage["org"]:
+            raise ForgeError(
+                "the publish stage's repo is not under its org", where=f"{where} $.stages[{i}].repo",
+                found=stage["repo"], allowed=f"{stage['org']}/<name>",
+            )
     recipe = {k: v for k, v in data.items() if k != "results"}
     digest = "sha256:" + hashlib.sha256(canonical_json(recipe)).hexdigest()
     return Alloy(name=data["name"], path=path, data=recipe, alloy_hash=digest)

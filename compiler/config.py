@@ -1,13 +1,18 @@
 """Composing conf/ with Hydra: the alloy's own tier and quant first, then the command line's
-overrides. Errors from Hydra are turned into refusals that name the override and list the choices.
+overrides; then the result is checked against the schema in conf_schema.py (types and ranges).
+Errors from either are turned into refusals that name the override (or conf file), the value and
+what is allowed.
 """
 from __future__ import annotations
 
+import copy
 import re
 from functools import lru_cache
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
+from . import conf_schema
 from .errors import ForgeError
 from .paths import conf_dir
 
@@ -61,8 +66,8 @@ def parse_overrides(pairs: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     return selectors, sorted(overrides)
 
 
-@lru_cache(maxsize=None)
-def _compose_cached(overrides: tuple[str, ...]) -> str:
+def _hydra_compose(overrides: tuple[str, ...]) -> tuple[dict, dict]:
+    """conf/ composed with these overrides, as plain data, and the file Hydra chose per group."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
@@ -71,16 +76,45 @@ def _compose_cached(overrides: tuple[str, ...]) -> str:
     # Initialise Hydra once per process (the costly part) and keep it for every composition.
     if not GlobalHydra.instance().is_initialized():
         initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3")
+    where = "overrides " + " ".join(overrides)
     try:
-        cfg = compose(config_name="config", overrides=list(overrides))
+        # Hydra's own node comes along only to say which file each group came from.
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
     except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         cause = e.__cause__
         if cause is not None and str(cause):
             msg = f"{msg} ({str(cause).splitlines()[0]})"
-        raise ForgeError(f"configuration does not compose: {msg}", where="overrides " + " ".join(overrides),
+        raise ForgeError(f"configuration does not compose: {msg}", where=where,
                          allowed=f"groups {', '.join(GROUPS)}; keys present in conf/") from None
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    chosen = {g: cfg.hydra.runtime.choices.get(g) for g in GROUPS}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        return OmegaConf.to_container(cfg, resolve=True), chosen
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve
+        raise ForgeError(f"configuration does not resolve: {str(e).splitlines()[0]}", where=where) from None
+
+
+def value_origin(key: str, overrides: tuple[str, ...], chosen: dict) -> str:
+    """Where a composed key's value came from: the override that set it (or a part of it), else the
+    conf file of its group, else conf/config.yaml."""
+    for o in overrides:
+        name = o.split("=", 1)[0].lstrip("+~")
+        if name not in GROUPS and (key == name or key.startswith((name + ".", name + "["))):
+            return f"override {o}"
+    group = key.split(".", 1)[0].split("[", 1)[0]
+    if chosen.get(group):
+        return str(conf_dir() / group / f"{chosen[group]}.yaml")
+    return str(conf_dir() / "config.yaml")
+
+
+@lru_cache(maxsize=None)
+def _compose_cached(overrides: tuple[str, ...]) -> dict:
+    """Composed and checked against compiler/conf_schema.py, once per distinct override set: a
+    value of the wrong type or outside its range is refused here, before anything is planned."""
+    data, chosen = _hydra_compose(overrides)
+    return conf_schema.validate(data, where=lambda key: value_origin(key, overrides, chosen))
 
 
 def compose(tier: str, quant: str, overrides: list[str]) -> dict:
@@ -91,8 +125,9 @@ def compose(tier: str, quant: str, overrides: list[str]) -> dict:
     it in place (compositions are cached, so this costs once per tier)."""
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     base = [b for b in (f"tier={tier}", f"quant={quant}") if b.split("=", 1)[0] not in given]
-    cfg = OmegaConf.to_container(OmegaConf.create(_compose_cached(tuple(base + list(overrides)))))
+    # A copy each time: callers may change what they get, the cache must not see it.
+    cfg = copy.deepcopy(_compose_cached(tuple(base + list(overrides))))
     if "backend" not in given and cfg["backend"]["name"] != cfg["tier"]["backend_default"]:
         base.append(f"backend={cfg['tier']['backend_default']}")
-        cfg = OmegaConf.to_container(OmegaConf.create(_compose_cached(tuple(base + list(overrides)))))
+        cfg = copy.deepcopy(_compose_cached(tuple(base + list(overrides))))
     return cfg

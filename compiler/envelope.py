@@ -64,7 +64,10 @@ def runtime(cfg: dict) -> dict:
     return {"n_seq_max": n_seq, "n_ctx": int(t["n_ctx"]) * n_seq, "n_batch": int(t["n_batch"]),
             "n_ubatch": min(int(t["n_batch"]), 512), "kv_unified": bool(t["kv_unified"]),
             "cache_type_k": t["cache_type_k"], "cache_type_v": t["cache_type_v"],
-            "max_image_px": int(t["max_image_px"]), "context_checkpoints": int(t["context_checkpoints"])}
+            "max_image_px": int(t["max_image_px"]), "context_checkpoints": int(t["context_checkpoints"]),
+            # What the GPU backend itself takes beyond llama.cpp's buffers (measured, conf/backend).
+            "backend_runtime_bytes": int(cfg["backend"].get("runtime_overhead_mib", 0) * MiB)
+            if cfg["backend"]["gpu"] else 0}
 
 
 def vision_compute(vision: dict, image_px: int) -> int:
@@ -112,6 +115,9 @@ def estimate(text: dict, vision: dict | None, rt: dict, gpu: bool) -> list[dict]
         {"id": "checkpoints", "term": f"context checkpoints ({rt['context_checkpoints']} per seq)", "where": "host",
          "bytes": rt["context_checkpoints"] * rt["n_seq_max"] * rs_per_seq},
     ]
+    if gpu and rt.get("backend_runtime_bytes"):
+        terms.append({"id": "backend_runtime", "term": "backend runtime (context, library workspaces; conf/backend)",
+                      "where": "gpu", "bytes": rt["backend_runtime_bytes"]})
     if vision:
         patches = (rt["max_image_px"] // vision["patch"]) ** 2
         v_compute = vision_compute(vision, rt["max_image_px"])

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ForgeError
-from .paths import build_dir, variants_dir
+from .paths import build_dir, state_dir, variants_dir
 from .runlog import StepLog
 from .stages import convert, envelope, gate, imatrix, quantize, receipt, smoke, source
 from .store import Entry, Writer, require
@@ -40,9 +41,38 @@ def who_needs(plan, step) -> str:
     return ", ".join(names)
 
 
+@contextmanager
+def key_lock(out: Entry, task: str):
+    """One writer per store key across processes: a second `doit` on the same build dir waits for
+    the first to finish this step, then finds it complete, instead of deleting its partial folder."""
+    from filelock import FileLock, Timeout
+
+    # In the build's state folder, not the store: the store holds only entries and their partials.
+    locks = state_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(locks / f"{out.kind}-{out.key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"  {task}: another run is building this step; waiting for it", flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_step(plan, task: str) -> None:
     step = plan.steps[task]
     out = entry(step)
+    with key_lock(out, task):
+        _run_step_locked(plan, step, out)
+    if step.kind == "receipt":
+        link_variant(plan, variant_of(plan, step))
+
+
+def _run_step_locked(plan, step, out: Entry) -> None:
+    task = step.task
     if out.is_complete():
         print(f"  {task}: already in the store, {out.dir}", flush=True)
     else:
@@ -65,8 +95,6 @@ def run_step(plan, task: str) -> None:
                 raise
             finally:
                 log.close()
-    if step.kind == "receipt":
-        link_variant(plan, variant_of(plan, step))
 
 
 def keep_failed_log(task: str, log: Path) -> None:

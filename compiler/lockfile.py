@@ -1,16 +1,78 @@
-"""The lock (alloys/forge.lock.json): the committed record of what each variant's build produced --
-resolved source revision and file hashes, toolchain fingerprint, every output's filename, sha256
-and size. Written from receipts and manifests (no weights read); entries of variants not in this
-run are kept as they were."""
+"""The lock (alloys/forge.lock.json): the committed record of what each *declared* variant's build
+produced -- resolved source revision and file hashes, toolchain fingerprint, every output's filename,
+sha256 and size -- and what it was checked against: the memory envelope's figures and the backend
+the smoke really ran on. The registry is regenerated from this file alone (the merge job has no
+build/). Written from receipts and reports (no weights read); entries of variants not in this run
+are kept as they were.
+
+Declared variants are those an alloy names (each of its quantTypes, no command-line overrides). A
+variant built with overrides is an experiment: its record goes to build/experiments.lock.json and
+never touches the committed lock, unless the command line says `lock=1`.
+"""
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
 from .alloy import validate
-from .paths import lock_path
+from .errors import ForgeError
+from .paths import build_dir, lock_path, state_dir
 from .store import Entry
 from .toolchain import fingerprint_parts
+
+
+def is_declared(variant) -> bool:
+    return not variant.overrides
+
+
+def experiments_path() -> Path:
+    return build_dir() / "experiments.lock.json"
+
+
+def path_for(variant, record_experiments: bool = False) -> Path:
+    return lock_path() if is_declared(variant) or record_experiments else experiments_path()
+
+
+@contextmanager
+def exclusive(path: Path):
+    """Hold an OS file lock for a read-modify-write of `path`: two runs on one checkout each add
+    their entries instead of the last one's write dropping the other's. The lock file lives in the
+    build's state folder, not beside the committed file."""
+    import hashlib
+
+    from filelock import FileLock
+
+    locks = state_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    with FileLock(str(locks / f"{path.name}-{tag}.lock")):
+        yield
+
+
+def envelope_summary(report: dict) -> dict:
+    """What the registry needs of the envelope report: settings, terms, verdict totals."""
+    v = report["verdict"]
+    return {"n_ctx": report["runtime"]["n_ctx"], "n_seq_max": report["runtime"]["n_seq_max"],
+            "terms": {t["id"]: t["bytes"] for t in report["terms"]},
+            "total_bytes": v["total_bytes"], "sensory_bytes": v["sensory_bytes"],
+            "gpu_resident_bytes": v["gpu_resident_bytes"], "passed": v["passed"]}
+
+
+def verification(keyed_backend: str, smoke: dict | None) -> dict:
+    """Which backend the variant's smoke really ran on, from llama.cpp's own load report; the record
+    claims a backend only where it ran (never "passed on metal" for a run on this CPU)."""
+    if smoke is None:
+        return {"backend": keyed_backend, "ran_on": None, "verified": False,
+                "summary": f"no smoke run (text-only variant): {keyed_backend} not verified"}
+    ran = smoke["placement"]["backend"]
+    if ran == keyed_backend:
+        summary = f"verified on {ran}"
+    else:
+        summary = f"mechanics verified on {ran}, {keyed_backend} not verified"
+    return {"backend": keyed_backend, "ran_on": ran, "verified": ran == keyed_backend and bool(smoke.get("passed")),
+            "summary": summary}
 
 
 def entry_for(plan, variant) -> dict:
@@ -19,6 +81,9 @@ def entry_for(plan, variant) -> dict:
     alloy = variant.alloy
     rec = Entry(variant.steps["receipt"].kind, variant.steps["receipt"].key)
     results = json.loads(rec.file(f"{alloy.name}.alloy.json").read_text())["results"]
+    envelope = json.loads(Entry("envelope", variant.steps["envelope"].key).file("envelope.json").read_text())
+    smoke = (json.loads(Entry("smoke", variant.steps["smoke"].key).file("smoke.json").read_text())
+             if "smoke" in variant.steps else None)
     if "localFiles" in src:
         files = [{"filename": k, "sha256": v, "size": os.path.getsize(os.path.join(src["path"], k))}
                  for k, v in sorted(src["localFiles"].items())]
@@ -37,11 +102,19 @@ def entry_for(plan, variant) -> dict:
         "keys": {role: s.key for role, s in variant.steps.items() if role != "envelope"},
         "outputs": results["integrity"]["fileHashes"],
         "modelHash": results["integrity"]["modelHash"],
+        "envelope": envelope_summary(envelope),
+        "verification": verification(variant.config["backend"]["name"], smoke),
+        "smoke": None if smoke is None else {
+            "passed": bool(smoke["passed"]), "vision_score": smoke["vision"]["score"],
+            "vision_gated": bool(smoke["vision"]["gated"]), "vision_items": len(smoke["vision"]["items"]),
+            "personas": smoke["personas"]["n_seq_max"],
+            "personas_isolated": sum(map(bool, smoke["personas"]["isolated"])),
+            "personas_equal_alone": sum(map(bool, smoke["personas"]["equal_alone"]))},
     }
 
 
-def read() -> dict:
-    path = lock_path()
+def read(path: Path | None = None) -> dict:
+    path = path or lock_path()
     if not path.is_file():
         return {"lockVersion": 1, "variants": {}}
     data = json.loads(path.read_text())
@@ -49,19 +122,31 @@ def read() -> dict:
     return data
 
 
-def update(plan, variants) -> tuple[dict, bool]:
-    """Merge these finished variants into the lock; returns (lock, changed)."""
-    lock = read()
-    before = json.dumps(lock, sort_keys=True)
-    for v in variants:
-        if Entry(v.steps["receipt"].kind, v.steps["receipt"].key).is_complete():
-            lock["variants"][v.id] = entry_for(plan, v)
-    lock["variants"] = dict(sorted(lock["variants"].items()))
-    validate(lock, "lock.schema.json", str(lock_path()))
-    changed = json.dumps(lock, sort_keys=True) != before
-    if changed:
-        path = lock_path()
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    return lock, changed
+def recorded(plan, variant, record_experiments: bool = False) -> bool:
+    """The lock already holds exactly what this variant's receipt and reports say."""
+    path = path_for(variant, record_experiments)
+    try:
+        return read(path)["variants"].get(variant.id) == json.loads(json.dumps(entry_for(plan, variant)))
+    except (OSError, ValueError, KeyError, ForgeError):
+        return False  # unreadable or not valid: the lock task rewrites it
+
+
+def update(plan, variants, record_experiments: bool = False) -> tuple[Path, bool]:
+    """Merge these finished variants into their lock file (the committed lock for declared ones,
+    build/experiments.lock.json for the rest); returns (path, changed)."""
+    path = path_for(variants[0], record_experiments)
+    assert all(path_for(v, record_experiments) == path for v in variants)
+    with exclusive(path):
+        lock = read(path)
+        before = json.dumps(lock, sort_keys=True)
+        for v in variants:
+            if Entry(v.steps["receipt"].kind, v.steps["receipt"].key).is_complete():
+                lock["variants"][v.id] = entry_for(plan, v)
+        lock["variants"] = dict(sorted(lock["variants"].items()))
+        validate(lock, "lock.schema.json", str(path))
+        changed = json.dumps(lock, sort_keys=True) != before
+        if changed:
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+    return path, changed

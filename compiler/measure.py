@@ -18,6 +18,15 @@ import time
 _CLIP = re.compile(r"(CPU|\w+)?\s*compute buffer size =\s+([\d.]+) MiB")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (the kernel's high-water mark, ru_maxrss): what it needed at
+    its largest, which the RSS read after freeing buffers understates."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
 def gpu_memory_used_mib() -> int | None:
     """Device memory in use as the driver reports it (NVIDIA: nvidia-smi), whole-device, so other
     processes count too: read it before and after on an otherwise idle GPU."""
@@ -135,14 +144,10 @@ def main(argv: list[str]) -> int:
             by_device.setdefault(device, {})[kind] = mib
     if vram_after is None and on_gpu:
         vram_after = gpu_memory_used_mib()
-    peak = proc.memory_info().rss
-    try:
-        peak = max(peak, proc.memory_full_info().uss)
-    except (psutil.AccessDenied, AttributeError):
-        pass
+    peak = peak_rss_bytes()
     out = {"buffers_mib": buffers, "projector": mmproj, "decode_rc": rc, "decoded_tokens": n,
            "load_s": round(load_s, 3), "rss_growth_mib": round((proc.memory_info().rss - rss_before) / 2**20, 1),
-           "peak_rss_mib": round(peak / 2**20, 1), "buffers_by_device_mib": by_device,
+           "peak_rss_mib": round(peak / 2**20, 1),  # the process's high-water mark, not its RSS now "buffers_by_device_mib": by_device,
            "backend": "gpu" if on_gpu else "cpu", "projector_log_device": projector_device(mmproj_log_text),
            "vram_used_mib": {"before": vram_before, "after": vram_after,
                              "growth": (vram_after - vram_before) if vram_before is not None and vram_after is not None else None}}

@@ -269,12 +269,13 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: 
                 v.steps["smoke"] = add("smoke", vid, "smoke", smoke_params,
                                        [("text", quantize), ("mmproj", v.steps["projector"]), ("source", source)],
                                        toolchain, f"smoke test of {vid}: text, vision, {t['n_seq_max']} personas")
-            # The receipt records names, not the whole configuration: a changed sensory figure or
-            # budget must not rewrite it.
+            # The receipt records names, not the whole configuration. Every gate stands before it:
+            # the quality gate, the smoke and the memory envelope (a variant over its tier's budget
+            # gets no receipt, so no lock entry, links, registry entry or upload).
             rparams = {"variant": vid, "alloyHash": alloy.alloy_hash, "overrides": list(overrides),
                        "tier": cfg["tier"]["name"], "backend": cfg["backend"]["name"], "quant": q["label"],
                        "text": v.text_filename, "mmproj": v.mmproj_filename}
-            rinputs = [("text", quantize), ("gate", gate)] + (
+            rinputs = [("text", quantize), ("gate", gate), ("envelope", v.steps["envelope"])] + (
                 [("mmproj", v.steps["projector"]), ("smoke", v.steps["smoke"])] if "projector" in v.steps else [])
             v.steps["receipt"] = add("receipt", vid, "receipt", rparams, rinputs + [("source", source)], toolchain,
                                      f"write {vid}'s receipt and link its files")

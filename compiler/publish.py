@@ -35,7 +35,7 @@ class Staged:
     folder: Path
     files: dict                      # path in repo -> local path
     refused: list = field(default_factory=list)
-    random_weights: bool = False     # staged and shown, but not pushed unless registry.include_synthetic
+    random_weights: bool = False     # staged and shown, but not pushed unless publish.allow_synthetic
 
 
 def git_blob_id(path: Path) -> str:
@@ -99,11 +99,12 @@ def card(variant, receipt: dict, envelope: dict, lock_entry: dict, repo: str) ->
                      f"items | {'gated' if vs['gated'] else 'reported (random weights)'} |")
     if "personas" in bench:
         p = bench["personas"]["metrics"]
-        lines.append(f"| {p['n_seq_max']} personas in one context | isolated {sum(p['isolated'])}/{len(p['isolated'])}, "
-                     f"equal to alone {sum(p['equal_alone'])}/{len(p['equal_alone'])} | "
+        lines.append(f"| {p['n_seq_max']} personas in one context | isolated {p['isolated_passed']}/{p['isolated_total']}, "
+                     f"equal to alone {p['equal_alone_passed']}/{p['equal_alone_total']} | "
                      f"{'pass' if bench['personas']['passed'] else 'FAIL'} |")
     if "timings" in bench:
-        t = bench["timings"]["metrics"]
+        # A timing the smoke run could not take is absent from the metrics (the receipt names it).
+        t = {k: "n/a" for k in bench["timings"].get("notMeasured", [])} | bench["timings"]["metrics"]
         lines.append(f"| timings ({bench['timings']['backend']} backend of the forging machine) | load {t['load_s']} s, "
                      f"image encode {t['image_encode_ms']} ms, prompt {t['prompt_tokens_per_s']} tok/s, generation "
                      f"{t['generation_tokens_per_s']} tok/s, first token {t['ttft_ms']} ms | measured |")
@@ -158,7 +159,7 @@ def stage(plan, variant, lock: dict) -> Staged:
     if lock_entry is None:
         st.refused.append("the lock does not record it: run `doit` to write its lock entry, and commit the lock")
         return st
-    st.random_weights = variant.steps["source"].kind == "synthetic" and not variant.config["registry"]["include_synthetic"]
+    st.random_weights = variant.steps["source"].kind == "synthetic" and not variant.config["publish"]["allow_synthetic"]
     # The receipt does not wait for the envelope; publishing does.
     for role in ("envelope", "smoke"):
         step = variant.steps.get(role)
@@ -289,7 +290,7 @@ def run(plan, push: bool = False) -> int:
                 say(f"  {'left alone':<15} {name:<48} {'':>12}  on the Hub, not staged")
         todo = [n for n, action, _ in rows if action == "upload"]
         if st.random_weights:
-            say("  random-weight source: staged for inspection; pushing it needs registry.include_synthetic=true")
+            say("  random-weight source: staged for inspection; pushing it needs publish.allow_synthetic=true")
             if push:
                 failed = True
                 continue

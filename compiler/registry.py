@@ -1,10 +1,14 @@
 """model_registry.json: what the product reads to pick a model per machine.
 
-Generated from the alloys, the lock and each variant's receipt and envelope report (no weights
-read), validated against schema/registry.schema.json, written with sorted keys so the same inputs
-give the same bytes. Every field today's loader reads (repo, format, architecture, description,
-min_memory_gb, chat_template) keeps its meaning; the vision variants add tier, quant, backends,
-files, the settings the envelope was checked at, its figures, and device-tier hints.
+Generated from committed files alone -- the alloys, conf/ and the lock (alloys/forge.lock.json,
+which carries each variant's files, envelope figures and the backend its smoke really ran on) -- so
+the merge job regenerates and checks it on a clean checkout with no build/. An entry appears only
+for a locked variant whose record still matches its alloy (same alloyHash, tier and quant) and that
+passed its envelope and smoke. Validated against schema/registry.schema.json, written with sorted
+keys so the same inputs give the same bytes. Every field today's loader reads (repo, format,
+architecture, description, min_memory_gb, chat_template) keeps its meaning; the vision variants add
+tier, quant, backends, files, the settings the envelope was checked at, its figures, what was
+verified on which backend, and device-tier hints.
 
     .venv/bin/python -m compiler.registry --check    # the merge job: exit 1 and a diff when stale
     .venv/bin/python -m compiler.registry --write    # regenerate (what `doit registry` does)
@@ -39,27 +43,26 @@ def repo_for(alloy) -> str:
     return f"{org}/qwen3.5-{alloy.tier}-vision-forged-GGUF"
 
 
-def alias_for(variant) -> str:
-    return f"continuum-ai/{variant.id.replace('@', '-').replace(',', '-')}"
+def alias_for(variant_id: str) -> str:
+    return f"continuum-ai/{variant_id.replace('@', '-').replace(',', '-')}"
 
 
-def entry(variant, receipt: dict, envelope_report: dict, smoke: dict | None) -> dict:
-    """One registry entry; `receipt` is the executed alloy, `envelope_report` its envelope.json."""
-    alloy = variant.alloy
+def entry(alloy, cfg: dict, locked: dict) -> dict:
+    """One registry entry from the alloy, its composed configuration and its lock record."""
     repo = repo_for(alloy)
     files = []
-    for f in receipt["results"]["integrity"]["fileHashes"]:
+    for f in locked["outputs"]:
         role = "mmproj" if f["filename"].startswith("mmproj-") else "text"
         files.append({"role": role, "filename": f["filename"], "sha256": f["sha256"], "size": f["size"],
                       "download": f"https://huggingface.co/{repo}/resolve/main/{f['filename']}"})
-    terms = {t["id"]: t["bytes"] for t in envelope_report["terms"]}
-    v = envelope_report["verdict"]
-    cfg = variant.config
+    env = locked["envelope"]
+    terms = env["terms"]
     mem = cfg["tier"]["memory"]
     # Memory a machine needs for this entry beside the product: the model's runtime total plus the
     # tier's sensory stack and OS reserve, rounded up to whole GB.
-    need = v["total_bytes"] + v["sensory_bytes"] + mem.get("os_reserve_gb", 0) * GiB
-    gpu_need = v["gpu_resident_bytes"]
+    need = env["total_bytes"] + env["sensory_bytes"] + mem.get("os_reserve_gb", 0) * GiB
+    gpu_need = env["gpu_resident_bytes"]
+    smoke = locked.get("smoke")
     return {
         "repo": repo,
         "format": "gguf",
@@ -68,21 +71,23 @@ def entry(variant, receipt: dict, envelope_report: dict, smoke: dict | None) -> 
         "min_memory_gb": math.ceil(need / GiB),
         "chat_template": CHAT_TEMPLATE_NAME,
         "tier": cfg["tier"]["name"],
-        "quant": variant.label,
+        "quant": cfg["quant"]["label"],
+        # The backends this variant is built for; `verification` says which one a smoke really ran on.
         "backends": sorted({cfg["backend"]["name"], cfg["tier"]["backend_default"]} | (
             {"vulkan"} if cfg["backend"]["gpu"] else set())),
+        "verification": locked["verification"],
         "hf_repo": repo,
         "files": files,
-        "n_ctx": envelope_report["runtime"]["n_ctx"],
-        "n_ctx_per_sequence": envelope_report["runtime"]["n_ctx"] // envelope_report["runtime"]["n_seq_max"],
-        "n_seq_max": envelope_report["runtime"]["n_seq_max"],
+        "n_ctx": env["n_ctx"],
+        "n_ctx_per_sequence": env["n_ctx"] // env["n_seq_max"],
+        "n_seq_max": env["n_seq_max"],
         "envelope": {
             "weights_bytes": terms.get("weights_gpu", 0) + terms.get("weights_host", 0),
             "kv_bytes": terms.get("kv", 0),
             "recurrent_bytes": terms.get("recurrent", 0),
             "projector_bytes": terms.get("projector", 0) + terms.get("vision_compute", 0),
             "gpu_resident_bytes": gpu_need,
-            "total_bytes": v["total_bytes"],
+            "total_bytes": env["total_bytes"],
         },
         "device_hints": {
             "tiers": [cfg["tier"]["name"]],
@@ -91,9 +96,9 @@ def entry(variant, receipt: dict, envelope_report: dict, smoke: dict | None) -> 
             if mem["kind"] == "discrete" else None,
         },
         "vision": {"projector": next((f["filename"] for f in files if f["role"] == "mmproj"), None),
-                   "smoke_passed": bool(smoke and smoke.get("passed"))},
+                   "smoke_passed": bool(smoke and smoke["passed"])},
         "alloy_hash": alloy.alloy_hash,
-        "model_hash": receipt["results"]["integrity"]["modelHash"],
+        "model_hash": locked["modelHash"],
     }
 
 
@@ -109,56 +114,68 @@ def render(models: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def read_existing() -> dict:
-    path = registry_path()
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text()).get("models", {})
+def listed(alloy, cfg: dict, locked: dict) -> bool:
+    """A lock record enters the registry only while it describes the alloy as it is now and every
+    gate it records passed."""
+    if locked.get("alloyHash") != alloy.alloy_hash or "envelope" not in locked:
+        return False  # the alloy changed since it was forged: not built as it stands
+    if locked["tier"] != cfg["tier"]["name"] or locked["quant"] != cfg["quant"]["llama_type"]:
+        return False
+    if locked["source"]["kind"] == "synthetic" and not cfg["registry"]["include_synthetic"]:
+        return False
+    smoke = locked.get("smoke")
+    return bool(locked["envelope"]["passed"] and (smoke is None or smoke["passed"]))
 
 
-def build(plan, keep_others: bool = True) -> str:
-    """The registry text for this plan's finished variants, keeping other entries as they were."""
-    from .store import Entry
+def build() -> str:
+    """The registry text from the alloys, conf/ and the lock: nothing under build/ is read."""
+    from . import lockfile
+    from .alloy import load_dir
+    from .config import compose, resolve_quant
+    from .paths import alloys_dir
 
-    models = read_existing() if keep_others else {}
-    for v in plan.variants:
-        rec, env = Entry("receipt", v.steps["receipt"].key), Entry("envelope", v.steps["envelope"].key)
-        if v.steps["source"].kind == "synthetic" and not v.config["registry"]["include_synthetic"]:
-            continue
-        if not (rec.is_complete() and env.is_complete()):
-            models.pop(alias_for(v), None)  # only variants that passed every gate appear
-            continue
-        smoke = Entry("smoke", v.steps["smoke"].key) if "smoke" in v.steps else None
-        models[alias_for(v)] = entry(
-            v, json.loads(rec.file(f"{v.alloy.name}.alloy.json").read_text()),
-            json.loads(env.file("envelope.json").read_text()),
-            json.loads(smoke.file("smoke.json").read_text()) if smoke and smoke.is_complete() else None)
+    alloys = {a.name: a for a in load_dir(alloys_dir())}
+    models = {}
+    for vid, locked in lockfile.read()["variants"].items():
+        alloy = alloys.get(locked["alloy"])
+        if alloy is None:
+            continue  # its alloy was removed
+        overrides = locked.get("overrides", [])
+        quant = resolve_quant(locked["quant"], where=f"{lockfile.lock_path()} $.variants[{vid}].quant")
+        cfg = compose(alloy.tier, quant, [o for o in overrides if not o.startswith("quant=")])
+        if listed(alloy, cfg, locked):
+            models[alias_for(vid)] = entry(alloy, cfg, locked)
     return render(models)
 
 
 def write(text: str) -> bool:
+    from .lockfile import exclusive
+
     path = registry_path()
-    if path.is_file() and path.read_text() == text:
-        return False
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with exclusive(path):
+        if path.is_file() and path.read_text() == text:
+            return False
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return True
 
 
 def main(argv=None) -> int:
     import argparse
 
-    from .graph import compile_graph
+    from .errors import ForgeError
 
     ap = argparse.ArgumentParser(description="Regenerate or check model_registry.json")
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="exit 1 and print the difference when stale")
     mode.add_argument("--write", action="store_true", help="write the regenerated registry")
-    ap.add_argument("vars", nargs="*", help="doit-style selectors/overrides, e.g. alloy=demo")
     args = ap.parse_args(argv)
-    plan = compile_graph(dict(v.split("=", 1) for v in args.vars))
-    text = build(plan)
+    try:
+        text = build()
+    except ForgeError as e:
+        print(f"registry: {e}", file=sys.stderr)
+        return 2
     path = registry_path()
     if args.write:
         print(f"{path}: {'updated' if write(text) else 'unchanged'}")

@@ -55,43 +55,53 @@ def step_task(plan, step) -> dict:
     }
 
 
-def lock_task(plan, variant) -> dict:
+def lock_task(plan, variant, record_experiments: bool = False) -> dict:
     """One lock task per variant, depending on that variant's receipt alone, so that which other
-    variants a command line selects never makes it stale."""
+    variants a command line selects never makes it stale. Up to date only while its lock file holds
+    exactly what the receipt and reports say (a lock edited or reverted by git is rewritten).
+    Declared variants go to the committed lock; experiments (overrides) to build/ unless lock=1."""
     receipt = Entry(variant.steps["receipt"].kind, variant.steps["receipt"].key)
+    path = lockfile.path_for(variant, record_experiments)
 
     def write_lock():
-        lock, changed = lockfile.update(plan, [variant])
-        print(f"  lock:{variant.id}: {'updated' if changed else 'unchanged'} in alloys/forge.lock.json")
+        path, changed = lockfile.update(plan, [variant], record_experiments)
+        print(f"  lock:{variant.id}: {'updated' if changed else 'unchanged'} in {path}")
+        if path != lockfile.lock_path():
+            print(f"  lock:{variant.id}: an experiment (overrides {', '.join(variant.overrides)}): recorded under "
+                  f"build/, not in the committed lock (declare it in the alloy, or pass lock=1)")
         for line in execute.describe(plan, variant):
             print("  " + line)
 
     return {
         "basename": "lock",
         "name": variant.id,
-        "doc": f"record what {variant.id} produced in the lock",
+        "doc": f"record what {variant.id} produced in {path.name}",
         "actions": [(_guarded, [write_lock])],
         "file_dep": [str(receipt.manifest_path)],
+        "uptodate": [lambda task, values: lockfile.recorded(plan, variant, record_experiments)],
         "verbosity": 2,
     }
 
 
 def registry_task(plan) -> dict:
-    """Regenerate model_registry.json after every selected variant's receipt and envelope; up to
-    date when the file already holds exactly what would be generated (no weights read)."""
+    """Regenerate model_registry.json from the alloys, conf/ and the lock, after the lock tasks; up
+    to date when the file already holds exactly what would be generated (no weights read)."""
     from . import registry
 
     def current(task, values):
         path = registry.registry_path()
-        return path.is_file() and path.read_text() == registry.build(plan)
+        try:
+            return path.is_file() and path.read_text() == registry.build()
+        except ForgeError:
+            return False  # the action reports it
 
     def write():
-        changed = registry.write(registry.build(plan))
+        changed = registry.write(registry.build())
         print(f"  registry: {registry.registry_path()} {'updated' if changed else 'unchanged'}")
 
     return {
         "basename": "registry",
-        "doc": "regenerate model_registry.json from the lock, receipts and envelope reports",
+        "doc": "regenerate model_registry.json from the alloys, conf/ and the lock",
         "actions": [(_guarded, [write])],
         "task_dep": ["receipt", "envelope", "lock"],
         "uptodate": [current],
@@ -151,7 +161,7 @@ def check_cache_task() -> dict:
             "uptodate": [False], "verbosity": 2}
 
 
-def tasks(plan):
+def tasks(plan, record_experiments: bool = False):
     yield toolchain_task(plan)
     groups = {}
     for step in plan.steps.values():
@@ -163,5 +173,5 @@ def tasks(plan):
             yield step_task(plan, step)
     yield {"basename": "lock", "name": None, "doc": "record every selected variant in the lock"}
     for variant in plan.variants:
-        yield lock_task(plan, variant)
+        yield lock_task(plan, variant, record_experiments)
     yield registry_task(plan)

@@ -354,7 +354,9 @@ def rebuild_for_binding(log=print) -> Path:
     spec = importlib.util.find_spec("llama_cpp")  # finds the package without importing (and loading) it
     if spec is not None and spec.submodule_search_locations:
         lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
-        if not binding_matches(lib):
+        # Only a binding the set-up installed on a forge build (it carries the record); never, say,
+        # a CUDA build of the binding that a GPU script put on PYTHONPATH.
+        if (lib / BINDING_RECORD).is_file() and not binding_matches(lib):
             install_binding_libs(lib)
             log(f"binding's libraries now from llama.cpp build {build_key()} ({lib})")
     return folder

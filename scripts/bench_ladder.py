@@ -42,6 +42,11 @@ def main() -> int:
 
     quants = config.choices("quant") if args.quants == "all" else args.quants.split(",")
     labels = [config.compose("m4", q, [])["quant"]["label"] for q in quants]
+    llama_types = [config.compose("m4", q, [])["quant"]["llama_type"] for q in quants]
+    # A recipe's quantTypes are forge-alloy quant types: the named variants (Q4_K_L: a label that
+    # is not its llama type) are built as command-line overrides of the same alloy instead.
+    plain = [q for q, label, lt in zip(quants, labels, llama_types) if label == lt]
+    named = [q for q in quants if q not in plain]
     name = f"bench-{args.shape.replace('.', '_')}"
     work = Path(args.workdir) / name
     alloys = work / "alloys"
@@ -52,20 +57,23 @@ def main() -> int:
     alloy = {
         "name": name, "version": "1.0.0", "tier": "m4",
         "description": f"Ladder benchmark on a random-weight Qwen3.5 {args.shape} checkpoint.",
-        "source": {"baseModel": f"forge-bench/qwen3.5-{args.shape}-random", "architecture": "Qwen3_5ForConditionalGeneration",
+        "source": {"baseModel": f"forge-bench/qwen3.5-{args.shape}-random", "architecture": "qwen3_5",
                    "revision": "synthetic-v1", "synthetic": {"shape": args.shape, "seed": 1234}},
-        "stages": [{"type": "modality", "modalities": ["text", "vision"]},
-                   {"type": "quant", "format": "gguf", "quantTypes": labels,
+        "stages": [{"type": "modality", "modality": "vision", "encoderModel": f"forge-bench/qwen3.5-{args.shape}-random"},
+                   # With no plain type asked for, the alloy's own quant is never built (only overrides run).
+                   {"type": "quant", "format": "gguf",
+                    "quantTypes": [labels[quants.index(q)] for q in plain] or [llama_types[0]],
                     "calibration": {"file": CALIBRATION, "sha256": calib_sha}}],
         "cycles": 1,
     }
     (alloys / f"{name}.alloy.json").write_text(json.dumps(alloy, indent=2) + "\n")
     env = dict(os.environ, FORGE_BUILD_DIR=str(work / "build"), FORGE_ALLOYS_DIR=str(alloys), HF_HUB_OFFLINE="1")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT)],
-                          env=env, cwd=ROOT, text=True, capture_output=True)
+    runs = ([[]] if plain else []) + [[f"alloy={name}", f"quant={q}"] for q in named]
+    procs = [subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT), *extra],
+                            env=env, cwd=ROOT, text=True, capture_output=True) for extra in runs]
     wall = time.monotonic() - t0
-    (work / "doit.log").write_text(proc.stdout + proc.stderr)
+    (work / "doit.log").write_text("".join(p.stdout + p.stderr for p in procs))
 
     store = work / "build" / "store"
 
@@ -78,7 +86,7 @@ def main() -> int:
     rows = []
     for q, label in zip(quants, labels):
         cfg = config.compose("m4", q, [])["quant"]
-        vid = name if q == quants[0] else f"{name}@{q}"
+        vid = name if plain and q == plain[0] else f"{name}@{q}"
         qm = next((m for m in quantized.values() if m["params"]["llama_type"] == cfg["llama_type"]
                    and m["params"]["output_type"] == cfg["output_type"]), None)
         gate_json = next((json.loads(p.read_text()) for p in (store / "gate").glob("*/gate.json")
@@ -97,7 +105,7 @@ def main() -> int:
             "gate": ("pass" if all(c["passed"] for c in checks) else "FAIL") if checks else "not run",
         })
     result = {"shape": args.shape, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "wall_s": round(wall, 1),
-              "stage_seconds": seconds, "rows": rows, "doit_exit": proc.returncode}
+              "stage_seconds": seconds, "rows": rows, "doit_exit": max(p.returncode for p in procs)}
     print(f"ladder on random-weight Qwen3.5 {args.shape} ({result['machine']}): wall {wall:.0f} s; "
           + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     print(f"| quant | imatrix | quantize s | size MiB | mean KLD | p99 KLD | top-1 | PPL ratio | gate |")

@@ -51,7 +51,8 @@ class Workspace:
             shutil.copytree(ROOT / "conf", self.conf)
             # The demo is synthetic: let its variants into this workspace's registry.
             cfg = self.conf / "config.yaml"
-            cfg.write_text(cfg.read_text().replace("include_synthetic: false", "include_synthetic: true"))
+            cfg.write_text(cfg.read_text().replace("include_synthetic: false", "include_synthetic: true")
+                           .replace("allow_synthetic: false", "allow_synthetic: true"))
         self.registry = root / "model_registry.json"
 
     def env(self, **extra) -> dict:

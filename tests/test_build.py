@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import DOIT, assert_ok
+from test_alloy_schema import assert_forge_alloy
 
 pytestmark = pytest.mark.build
 
@@ -41,7 +42,10 @@ def test_demo_variant_has_published_names_and_a_true_receipt(demo_workspace):
                    key=lambda f: f["filename"])
     expect = "sha256:" + hashlib.sha256(json.dumps(pairs, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert integrity["modelHash"] == expect
-    assert receipt["results"]["receipt"]["alloyHash"].startswith("sha256:")
+    assert integrity["alloyHash"].startswith("sha256:")
+    # Both executed alloys are forge-alloy documents by the published schema (and ours).
+    assert_forge_alloy(receipt)
+    assert_forge_alloy(json.loads((ws.variant("demo-q8") / "demo-q8.alloy.json").read_text()))
     # The recipe itself is untouched by the build (the recipe is input, the receipt is output).
     assert "results" not in json.loads((ws.alloys / "demo.alloy.json").read_text())
     lock = ws.lock()["variants"]
@@ -117,8 +121,10 @@ def test_demo_loads_in_llama_cpp_and_evaluates_an_image(demo_workspace, tmp_path
 
 def test_unreachable_source_fails_its_alloy_and_the_others_still_build(demo_workspace):
     ws = demo_workspace
+    stages = [dict(s, encoderModel="Qwen/Qwen3.5-4B") if s["type"] == "modality" else s
+              for s in json.loads((ws.alloys / "demo.alloy.json").read_text())["stages"]]
     path = ws.add_alloy("offline-4b", source={"baseModel": "Qwen/Qwen3.5-4B", "revision": "main",
-                                               "architecture": "Qwen3_5ForConditionalGeneration"})
+                                               "architecture": "qwen3_5"}, stages=stages)
     try:
         run = ws.doit()
         assert run.proc.returncode != 0

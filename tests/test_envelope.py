@@ -38,14 +38,38 @@ def test_a_variant_over_its_budget_fails_naming_the_rule(demo_workspace):
     assert re.search(r"model files <= model budget \([\d.]+ GiB against 0\.010 GiB, short by [\d.]+ GiB\)", run.out)
 
 
-def test_changing_a_sensory_figure_reruns_only_the_envelopes_and_the_registry(demo_workspace):
+def test_changing_a_sensory_figure_reruns_only_the_envelopes_and_what_records_them(demo_workspace):
     ws = demo_workspace
+    before = ws.lock()["variants"]["demo"]["envelope"]["sensory_bytes"]
     path = ws.conf / "sensory" / "m4.yaml"
     path.write_text(path.read_text().replace("memory_mb: 852", "memory_mb: 900"))
     run = ws.doit()
     assert_ok(run)
-    # The registry carries the envelope's figures, so it is regenerated too; nothing else runs.
-    assert run.executed and all(t.startswith("envelope:") or t == "registry" for t in run.executed), run.out
+    # The envelope is a gate the receipt waits on, and the lock and registry carry its figures: those
+    # are rewritten (no weights read); no conversion, quantization, quality gate or smoke runs again.
+    assert run.executed and all(t.split(":")[0] in ("envelope", "receipt", "lock", "registry")
+                                for t in run.executed), run.out
     assert "envelope:demo" in run.executed
+    # The lock records the new figure (48 MB more of speech-to-text).
+    assert ws.lock()["variants"]["demo"]["envelope"]["sensory_bytes"] == before + 48_000_000
     again = ws.doit()
     assert again.executed == set(), again.out
+
+
+def test_gpu_backends_carry_their_measured_runtime_term():
+    from compiler import config, envelope
+
+    shape = {"n_attn_layers": 8, "n_head_kv": 4, "key_length": 256, "value_length": 256, "ssm_d_conv": 4,
+             "ssm_d_inner": 4096, "ssm_n_group": 16, "ssm_d_state": 128, "n_recurrent_layers": 24,
+             "token_embd_bytes": 10**8, "weights_bytes": 2 * 10**9, "tied_output": False, "n_vocab": 248320,
+             "n_ff": 9216, "n_embd": 2560}
+    runtime = {}
+    for backend in ("cuda", "vulkan", "metal", "cpu"):
+        cfg = config.compose("corvette", "q4_k_m", [f"backend={backend}"])
+        rt = envelope.runtime(cfg)
+        terms = {t["id"]: t for t in envelope.estimate(shape, None, rt, bool(cfg["backend"]["gpu"]))}
+        runtime[backend] = terms.get("backend_runtime", {}).get("bytes", 0)
+        if runtime[backend]:
+            assert terms["backend_runtime"]["where"] == "gpu"
+    # CUDA's context and cuBLAS workspaces, Vulkan's device objects: measured on an H200 (conf/backend).
+    assert runtime == {"cuda": 756 * 2**20, "vulkan": 208 * 2**20, "metal": 0, "cpu": 0}

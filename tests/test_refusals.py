@@ -81,7 +81,7 @@ def test_unsupported_stage_type_lists_supported(ws):
     edit(ws, lambda d: d["stages"].append({"type": "eval", "benchmarks": ["mmlu"]}))
     msg = refusal()
     assert "$.stages[3].type" in msg and "'eval'" in msg
-    assert "modality, publish, quant, source-config" in msg
+    assert "allowed: modality, publish, quant" in msg
 
 
 @pytest.mark.parametrize("bad", ["../escape", "a/b", "..", ".hidden"])
@@ -126,5 +126,5 @@ def test_cli_refusal_exits_2_and_builds_or_deletes_nothing(ws):
     assert "refused, nothing was built or deleted" in proc.stderr
     assert "IQ2_XXS needs an importance matrix" in proc.stderr
     # Only bookkeeping (the stat cache) may appear; nothing built, nothing removed.
-    assert set(p.name for p in ws.build.iterdir()) <= {"keep.txt", ".forge", ".doit.db"}
+    assert set(p.name for p in ws.build.iterdir()) <= {"keep.txt", ".forge", ".doit.sqlite"}
     assert keep.read_text() == "x"

@@ -47,7 +47,9 @@ def test_receipt_records_smoke_and_vision_preservation(demo_workspace):
     receipt = json.loads((demo_workspace.variant("demo") / "demo.alloy.json").read_text())
     names = {b["name"]: b for b in receipt["results"]["benchmarks"]}
     assert names["personas"]["passed"] and names["vision-suite"]["gated"] is False
-    assert names["personas"]["metrics"]["isolated"] == [True] * names["personas"]["metrics"]["n_seq_max"]
+    n = names["personas"]["metrics"]["n_seq_max"]
+    assert names["personas"]["metrics"]["isolated_passed"] == names["personas"]["metrics"]["isolated_total"] == n
+    assert names["personas"]["detail"]["isolated"] == [True] * n
     pres = names["vision-preservation"]["metrics"]
     assert len(pres["towerSha256"]) == 64 and len(pres["projectorSha256"]) == 64
     assert names["timings"]["metrics"]["generation_tokens_per_s"] > 0

@@ -30,9 +30,8 @@ supervise() {
 from pathlib import Path
 from compiler import sizing
 from compiler.fit import references
-from compiler.toolchain import fingerprint
 text, mmproj = references("9b", Path("/tmp/forge-gpu/work/plan"))
-sizing.dry_run(text, "Q4_K_M", fingerprint())
+sizing.dry_run(text, "Q4_K_M")
 print("9b references ready:", text, mmproj)
 PY
   wait $bpid

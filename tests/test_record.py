@@ -1,0 +1,129 @@
+"""The record is right: only variants that passed every gate, and only declared ones, reach the
+committed lock; the registry is regenerated from committed files alone (the merge job); the lock
+says which backend a smoke really ran on; two runs at once end as one would have."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import DEMO_ALLOY, ROOT, Workspace, assert_ok
+
+LOCK = ROOT / "alloys" / "forge.lock.json"
+REGISTRY = ROOT / "model_registry.json"
+
+
+def registry_check(alloys, build, registry=REGISTRY):
+    """The merge job's command, on a checkout's committed files, with no build/ directory."""
+    import os
+
+    env = dict(os.environ, FORGE_ALLOYS_DIR=str(alloys), FORGE_BUILD_DIR=str(build), FORGE_REGISTRY=str(registry),
+               FORGE_CONF_DIR=str(ROOT / "conf"))
+    return subprocess.run([sys.executable, "-m", "compiler.registry", "--check"], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+
+
+def test_merge_job_regenerates_the_committed_registry_without_build(tmp_path):
+    build = tmp_path / "no-build"  # never created: nothing under build/ may be needed
+    ok = registry_check(ROOT / "alloys", build)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert not build.exists()
+    assert "continuum-ai/demo" in json.loads(REGISTRY.read_text())["models"]
+    # The demo alloy's quant edited without forging and re-locking: its record no longer describes
+    # the alloy, so the regenerated registry drops the entry and the check fails with the diff.
+    alloys = tmp_path / "alloys"
+    shutil.copytree(ROOT / "alloys", alloys)
+    demo = json.loads((alloys / "demo.alloy.json").read_text())
+    next(s for s in demo["stages"] if s["type"] == "quant")["quantTypes"] = ["Q6_K"]
+    (alloys / "demo.alloy.json").write_text(json.dumps(demo, indent=2) + "\n")
+    stale = registry_check(alloys, build)
+    assert stale.returncode == 1
+    assert '-    "continuum-ai/demo": {' in stale.stdout and "is stale" in stale.stderr
+
+
+def test_committed_lock_holds_only_declared_variants():
+    lock = json.loads(LOCK.read_text())["variants"]
+    assert lock, "the committed lock is empty"
+    assert all(not entry.get("overrides") and "@" not in vid for vid, entry in lock.items()), list(lock)
+
+
+
+@pytest.mark.build
+def test_over_budget_variant_gets_no_receipt_lock_entry_or_links(demo_workspace):
+    ws = demo_workspace
+    lock_before = (ws.alloys / "forge.lock.json").read_bytes()
+    run = ws.doit("alloy=demo", "tier.budget.model_max_gb=0.01", "lock=1")  # lock=1: it would be recorded
+    assert run.proc.returncode != 0
+    assert "model files <= model budget" in run.out
+    assert not any(t.startswith(("receipt:", "lock:")) for t in run.executed), run.executed
+    assert (ws.alloys / "forge.lock.json").read_bytes() == lock_before
+    assert not [p for p in (ws.build / "variants").iterdir() if "model_max_gb" in p.name]
+
+
+@pytest.mark.build
+def test_an_override_is_an_experiment_kept_out_of_the_committed_lock(demo_workspace):
+    ws = demo_workspace
+    lock_before = (ws.alloys / "forge.lock.json").read_bytes()
+    run = ws.doit("alloy=demo", "quant=q6")
+    assert_ok(run)
+    assert "lock:demo@q6_k" in run.executed
+    assert "not in the committed lock" in run.out
+    assert (ws.alloys / "forge.lock.json").read_bytes() == lock_before
+    experiments = json.loads((ws.build / "experiments.lock.json").read_text())["variants"]
+    assert experiments["demo@q6_k"]["quant"] == "Q6_K" and experiments["demo@q6_k"]["overrides"] == ["quant=q6_k"]
+    # A lock edited (or reverted by git) is rewritten by the next run: the lock task checks content.
+    data = json.loads(lock_before)
+    data["variants"]["demo"]["modelHash"] = "sha256:" + "0" * 64
+    (ws.alloys / "forge.lock.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    again = ws.doit("alloy=demo")
+    assert_ok(again)
+    assert again.executed == {"lock:demo"}, again.executed
+    assert (ws.alloys / "forge.lock.json").read_bytes() == lock_before
+
+
+@pytest.mark.build
+def test_a_cpu_smoke_never_claims_the_gpu_backend(demo_workspace):
+    ws = demo_workspace
+    entry = ws.lock()["variants"]["demo"]
+    # The demo's tier (m4) targets Metal; this machine's smoke ran on llama.cpp's CPU backend.
+    assert entry["verification"] == {"backend": "metal", "ran_on": "cpu", "verified": False,
+                                     "summary": "mechanics verified on cpu, metal not verified"}
+    listed = json.loads(ws.registry.read_text())["models"]["continuum-ai/demo"]
+    assert listed["verification"]["summary"] == "mechanics verified on cpu, metal not verified"
+    assert entry["envelope"]["total_bytes"] > 0 and entry["smoke"]["passed"]
+
+
+def _tree(store):
+    return sorted((str(p.relative_to(store)), hashlib.sha256(p.read_bytes()).hexdigest())
+                  for p in store.rglob("*") if p.is_file() and p.suffix not in (".log", ".lock")
+                  and p.name != "manifest.json")
+
+
+@pytest.mark.build
+def test_two_runs_at_once_end_as_one_would_have(tmp_path, demo_workspace):
+    ws = Workspace(tmp_path / "together")
+    shutil.copy(DEMO_ALLOY, ws.alloys / DEMO_ALLOY.name)
+    runs = [None, None]
+
+    def go(i):
+        runs[i] = ws.doit("alloy=demo")
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for run in runs:
+        assert_ok(run)
+    # Each step was built once: the other run waited for it and found it complete.
+    assert sum("convert:qwen3.5-tiny-random: done in" in r.out for r in runs) == 1
+    # The same store contents and the same lock entry as the session's single run of the demo.
+    assert ws.lock()["variants"]["demo"]["outputs"] == demo_workspace.lock()["variants"]["demo"]["outputs"]
+    assert not list((ws.build / "store").glob("*/*.partial-*"))
+    single = {name for name, _ in _tree(demo_workspace.build / "store")}
+    assert {name for name, _ in _tree(ws.build / "store")} <= single
