@@ -10,7 +10,7 @@ from .errors import ForgeError
 from .paths import alloys_dir, project_file
 from .stages.source import local_identity
 from .store import stat_cache
-from .toolchain import fingerprint
+from .toolchain import fingerprints
 
 
 def source_ids(alloys) -> dict:
@@ -40,7 +40,7 @@ def compile_graph(cli_vars: dict) -> plan_mod.Plan:
     selectors, overrides = parse_overrides(cli_vars)
     alloys = alloys_mod.load_dir(alloys_dir())
     chosen, _ = plan_mod.select_alloys(alloys, selectors, overrides)
-    result = plan_mod.plan(alloys, selectors, overrides, fingerprint(), source_ids(chosen), stage_code())
+    result = plan_mod.plan(alloys, selectors, overrides, fingerprints(), source_ids(chosen), stage_code())
     check_texts(result)
     stat_cache().save()
     return result

@@ -147,7 +147,8 @@ def main(argv: list[str]) -> int:
     peak = peak_rss_bytes()
     out = {"buffers_mib": buffers, "projector": mmproj, "decode_rc": rc, "decoded_tokens": n,
            "load_s": round(load_s, 3), "rss_growth_mib": round((proc.memory_info().rss - rss_before) / 2**20, 1),
-           "peak_rss_mib": round(peak / 2**20, 1),  # the process's high-water mark, not its RSS now "buffers_by_device_mib": by_device,
+           # peak: the process's high-water mark, not its RSS now
+           "peak_rss_mib": round(peak / 2**20, 1), "buffers_by_device_mib": by_device,
            "backend": "gpu" if on_gpu else "cpu", "projector_log_device": projector_device(mmproj_log_text),
            "vram_used_mib": {"before": vram_before, "after": vram_after,
                              "growth": (vram_after - vram_before) if vram_before is not None and vram_after is not None else None}}

@@ -152,15 +152,27 @@ STAGE_CODE = {
 }
 
 
-def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], toolchain: str, source_ids: dict,
+# Which toolchain fingerprint enters each kind's key (toolchain.fingerprints): what shapes its bytes,
+# no more. Conversion and the demo's generation run Python only; quantization and the llama.cpp
+# tools run the compiled C/C++ only; envelope, smoke and receipt run (or record) both.
+FINGERPRINT_OF = {"synthetic": "converter", "convert": "converter", "mmproj": "converter",
+                  "quantize": "build", "mmproj-quantize": "build", "imatrix": "build", "kld-base": "build",
+                  "gate": "build", "envelope": "full", "smoke": "full", "receipt": "full"}
+
+
+def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprints: dict, source_ids: dict,
          code: dict | None = None) -> Plan:
-    """`code`: kind -> digest of the forge code that kind runs (STAGE_CODE), from the caller."""
+    """`fingerprints`: toolchain.fingerprints() (converter, build, full); `code`: kind -> digest of
+    the forge code that kind runs (STAGE_CODE), from the caller."""
+    toolchain = fingerprints["full"]
     chosen, overrides = select_alloys(alloys, selectors, overrides)
     steps: dict[str, Step] = {}
     by_key: dict[tuple, Step] = {}
     variants = []
 
     def add(basename: str, label: str, kind: str, params: dict, inputs: list, fp: str | None, doc: str) -> Step:
+        if fp is not None:
+            fp = fingerprints[FINGERPRINT_OF[kind]]
         if fp is not None and code and kind in code:
             fp = f"{fp}+{code[kind]}"
         key = content_key(kind, params, [s.key for _, s in inputs], fp)

@@ -1,10 +1,13 @@
-"""`doit publish`: stage each selected variant's Hugging Face repo folder, then -- only with
-`push=1` -- upload what differs.
+"""`doit publish`: stage each selected repo's Hugging Face folder, then -- only with `push=1` --
+upload what differs.
 
-The staged folder (build/publish/<variant>/) is what the repo will hold: the text GGUF and the
-projector under their published names, README.md (the model card), the executed alloy
-(<name>.alloy.json) and the variant's registry entry (registry-entry.json). The repo is the alloy's
-publish stage's, else continuum-ai/qwen3.5-<tier>-vision-forged-GGUF.
+A tier's repo holds every declared variant of its alloy (each quant type the alloy names, as GGUF
+repos usually do: several quants beside one projector). The staged folder (build/publish/<alloy>/)
+is what the repo will hold: each variant's text GGUF and projector under their published names,
+README.md (one model card, a row per file with its gate and envelope figures), the executed alloys
+(<name>.alloy.json for the tier's default quant -- the alloy's first -- and <name>-<QUANT>.alloy.json
+for the others) and the registry entries (registry-entry.json). The repo is the alloy's publish
+stage's, else continuum-ai/qwen3.5-<tier>-vision-forged-GGUF.
 
 Refused, with the reason: a variant that is not built or whose gates failed (no receipt), one that
 the lock does not record, and one whose files -- read in full here, not through the stat cache --
@@ -29,13 +32,26 @@ from .toolchain import sha256_file
 
 
 @dataclass
+class Checked:
+    """One variant, checked for publishing: its sources (published name -> store path) and records."""
+    variant: object
+    repo: str
+    sources: dict = field(default_factory=dict)
+    receipt: dict | None = None
+    envelope: dict | None = None
+    lock_entry: dict | None = None
+    refused: list = field(default_factory=list)
+    random_weights: bool = False     # staged and shown, but not pushed unless publish.allow_synthetic
+
+
+@dataclass
 class Staged:
-    variant: str
+    variant: str                     # the variants it holds, e.g. "demo, demo@q6_k"
     repo: str
     folder: Path
     files: dict                      # path in repo -> local path
     refused: list = field(default_factory=list)
-    random_weights: bool = False     # staged and shown, but not pushed unless publish.allow_synthetic
+    random_weights: bool = False
 
 
 def git_blob_id(path: Path) -> str:
@@ -48,38 +64,23 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def card(variant, receipt: dict, envelope: dict, lock_entry: dict, repo: str) -> str:
-    """The model card: Hub front matter (through huggingface_hub's ModelCardData), then files,
-    memory envelope, smoke and quality figures, how to run, how to reproduce."""
-    from huggingface_hub import ModelCardData
+def _kld(receipt: dict) -> dict:
+    return next((b for b in receipt["results"]["benchmarks"] if b["name"] == "kl-divergence-vs-reference"), {})
 
-    alloy, cfg = variant.alloy, variant.config
+
+def _variant_sections(c: Checked, multi: bool) -> list[str]:
+    """One variant's memory envelope and quality/smoke sections (headed by its quant when the repo
+    holds several)."""
+    variant, receipt, envelope, lock_entry = c.variant, c.receipt, c.envelope, c.lock_entry
+    cfg = variant.config
     tier = cfg["tier"]["name"]
-    data = ModelCardData(
-        base_model=alloy.source["baseModel"], base_model_relation="quantized", quantized_by="continuum-ai",
-        pipeline_tag="image-text-to-text", license=alloy.source.get("license", "other"), library_name="gguf",
-        tags=["continuum-ai", "forged", "forge-alloy", "gguf", "vision", "qwen3.5", tier, variant.label],
-    )
-    files = lock_entry["outputs"]
-    text = next(f for f in files if not f["filename"].startswith("mmproj-"))
-    mmproj = next((f for f in files if f["filename"].startswith("mmproj-")), None)
+    head = f"## {variant.label}: " if multi else "## "
     bench = {b["name"]: b for b in receipt["results"]["benchmarks"]}
     rt = envelope["runtime"]
-    lines = [f"---\n{data.to_yaml()}\n---", "",
-             f"# {alloy.name} ({variant.label}, {tier} tier)", "",
-             alloy.data.get("description", ""), "",
-             f"Forged by the forge compiler from [{alloy.source['baseModel']}](https://huggingface.co/{alloy.source['baseModel']})"
-             + (f" at commit `{lock_entry['source']['resolvedRevision']}`" if lock_entry["source"].get("resolvedRevision") else
-                f" (revision `{alloy.source['revision']}`)") + (": a quantized text model and its vision projector (mmproj), "
-             "meant to run together, fully on the GPU." if mmproj else ": a quantized text model, meant to run fully on the GPU."), "",
-             "## Files", "", "| file | role | size | sha256 |", "| --- | --- | ---: | --- |"]
-    for f in files:
-        role = "vision projector (mmproj)" if f is mmproj else f"text model, {variant.label}"
-        lines.append(f"| `{f['filename']}` | {role} | {_mib(f['size'])} | `{f['sha256']}` |")
-    lines += ["", f"## Memory envelope (tier `{tier}`, backend `{envelope['backend']}`)", "",
-              f"Checked at n_ctx {rt['n_ctx']} ({rt['n_ctx'] // rt['n_seq_max']} per sequence x n_seq_max "
-              f"{rt['n_seq_max']}), batch {rt['n_batch']}, KV {rt['cache_type_k']}/{rt['cache_type_v']}, images up to "
-              f"{rt['max_image_px']} px.", "", "| term | where | size |", "| --- | --- | ---: |"]
+    lines = ["", f"{head}Memory envelope (tier `{tier}`, backend `{envelope['backend']}`)", "",
+             f"Checked at n_ctx {rt['n_ctx']} ({rt['n_ctx'] // rt['n_seq_max']} per sequence x n_seq_max "
+             f"{rt['n_seq_max']}), batch {rt['n_batch']}, KV {rt['cache_type_k']}/{rt['cache_type_v']}, images up to "
+             f"{rt['max_image_px']} px.", "", "| term | where | size |", "| --- | --- | ---: |"]
     lines += [f"| {t['term']} | {t['where']} | {_mib(t['bytes'])} |" for t in envelope["terms"]]
     v = envelope["verdict"]
     lines += [f"| **total** | | **{_mib(v['total_bytes'])}** |", "", "| rule | figure | limit | result |",
@@ -87,7 +88,11 @@ def card(variant, receipt: dict, envelope: dict, lock_entry: dict, repo: str) ->
     lines += [f"| {r['rule']} | {_mib(r['figure'])} | {_mib(r['limit'])} | {'pass' if r['passed'] else 'FAIL'} |"
               for r in v["rules"]]
     kld = bench.get("kl-divergence-vs-reference", {})
-    lines += ["", "## Quality and smoke", "", "| check | figures | result |", "| --- | --- | --- |"]
+    ver = lock_entry["verification"]
+    lines += ["", f"{head}Quality and smoke", "",
+              # Which backend the smoke really ran on (llama.cpp's load report): claimed only where it ran.
+              f"Backend: built for `{ver['backend']}`; **{ver['summary']}**.", "",
+              "| check | figures | result |", "| --- | --- | --- |"]
     if kld:
         m = kld["metrics"]
         lines.append(f"| KL divergence vs {cfg['convert']['outtype'].upper()} on {kld['dataset']} ({kld['chunks']} x "
@@ -112,6 +117,59 @@ def card(variant, receipt: dict, envelope: dict, lock_entry: dict, repo: str) ->
         pm = bench["vision-preservation"]["metrics"]
         lines.append(f"| vision preservation | {pm['towerTensors']} tower tensors -> {pm['projectorTensors']} projector "
                      f"tensors | pass |")
+    return lines
+
+
+def card(items: list[Checked], repo: str) -> str:
+    """The model card for a repo holding one or more variants of one alloy: Hub front matter
+    (through huggingface_hub's ModelCardData), a row per file with its gate and envelope figures,
+    each variant's envelope, quality and smoke, how to run (the default quant), how to reproduce."""
+    from huggingface_hub import ModelCardData
+
+    first = items[0]
+    variant, lock_entry = first.variant, first.lock_entry
+    alloy, cfg = variant.alloy, variant.config
+    tier = cfg["tier"]["name"]
+    labels = [c.variant.label for c in items]
+    multi = len(items) > 1
+    data = ModelCardData(
+        base_model=alloy.source["baseModel"], base_model_relation="quantized", quantized_by="continuum-ai",
+        pipeline_tag="image-text-to-text", license=alloy.source.get("license", "other"), library_name="gguf",
+        tags=["continuum-ai", "forged", "forge-alloy", "gguf", "vision", "qwen3.5", tier, *labels],
+    )
+    text = next(f for f in lock_entry["outputs"] if not f["filename"].startswith("mmproj-"))
+    mmproj = next((f for f in lock_entry["outputs"] if f["filename"].startswith("mmproj-")), None)
+    lines = [f"---\n{data.to_yaml()}\n---", "",
+             f"# {alloy.name} ({', '.join(labels)}, {tier} tier)", "",
+             alloy.data.get("description", ""), "",
+             f"Forged by the forge compiler from [{alloy.source['baseModel']}](https://huggingface.co/{alloy.source['baseModel']})"
+             + (f" at commit `{lock_entry['source']['resolvedRevision']}`" if lock_entry["source"].get("resolvedRevision") else
+                f" (revision `{alloy.source['revision']}`)") + (": quantized text models and their vision projector (mmproj), "
+             "meant to run together, fully on the GPU." if mmproj else ": quantized text models, meant to run fully on the GPU."),
+             ""]
+    if multi:
+        lines += [f"The tier's default quant is **{labels[0]}**; {', '.join(labels[1:])} "
+                  f"{'is' if len(labels) == 2 else 'are'} here beside it.", ""]
+    lines += ["## Files", "",
+              "| file | role | size | sha256 | quality gate (mean KLD) | envelope total | verified |",
+              "| --- | --- | ---: | --- | --- | ---: | --- |"]
+    projectors: dict = {}
+    for c in items:
+        m = _kld(c.receipt).get("metrics", {})
+        kld = f"{m['mean_kld']} ({'pass' if _kld(c.receipt).get('passed') else 'FAIL'})" if m else "-"
+        total = _mib(c.envelope["verdict"]["total_bytes"])
+        for f in c.lock_entry["outputs"]:
+            if f["filename"].startswith("mmproj-"):
+                projectors.setdefault(f["filename"], (f, []))[1].append(c.variant.label)
+                continue
+            lines.append(f"| `{f['filename']}` | text model, {c.variant.label} | {_mib(f['size'])} | `{f['sha256']}` | "
+                         f"{kld} | {total} | {c.lock_entry['verification']['summary']} |")
+    for name, (f, users) in projectors.items():
+        lines.append(f"| `{name}` | vision projector (mmproj), for {', '.join(users)} | {_mib(f['size'])} | "
+                     f"`{f['sha256']}` | - | - | - |")
+    for c in items:
+        lines += _variant_sections(c, multi)
+    rt = first.envelope["runtime"]
     n_ctx = rt["n_ctx"] // rt["n_seq_max"]
     lines += ["", "## Run it", ""]
     if mmproj:
@@ -131,77 +189,123 @@ def card(variant, receipt: dict, envelope: dict, lock_entry: dict, repo: str) ->
                   "llama-cpp-python:", "", "```python", "from llama_cpp import Llama", "",
                   f"llm = Llama.from_pretrained(\"{repo}\", \"{text['filename']}\", n_gpu_layers=-1, n_ctx={n_ctx})",
                   "```", ""]
+    ids = ",".join(c.variant.id for c in items)
     lines += ["## Reproduce it", "",
-              f"`{alloy.name}.alloy.json` in this repo is the executed recipe (with its results). With the forge "
+              f"`{alloy.name}.alloy.json` in this repo is the executed recipe (with its results)"
+              + (f"; `{alloy.name}-<QUANT>.alloy.json` the other quants'" if multi else "") + ". With the forge "
               f"compiler's checkout, its `alloys/forge.lock.json` records the source files, the toolchain fingerprint "
               f"(`{lock_entry['toolchain']['fingerprint'][:16]}`: {lock_entry['toolchain']['source']}, "
               f"{lock_entry['toolchain']['machine']}) and every output's sha256; rebuild and compare byte for byte with:",
-              "", "```", f"doit verify only={variant.id}", "```", "",
+              "", "```", f"doit verify only={ids}", "```", "",
               "k-quant bytes can depend on the compiler and CPU architecture: verify names the toolchain parts that "
               "differ from the recorded ones.", ""]
     return "\n".join(lines)
 
 
-def stage(plan, variant, lock: dict) -> Staged:
-    """Write build/publish/<variant>/ (atomically) or say why the variant is refused."""
-    repo = repo_for(variant.alloy)
-    folder = build_dir() / "publish" / variant.id
-    st = Staged(variant=variant.id, repo=repo, folder=folder, files={})
+def check(plan, variant, lock: dict) -> Checked:
+    """Everything publishing a variant needs, or why it is refused (nothing written)."""
+    c = Checked(variant=variant, repo=repo_for(variant.alloy))
     receipt = Entry("receipt", variant.steps["receipt"].key)
     if not receipt.is_complete():
         logs = sorted(l for l in (build_dir() / "logs").glob(f"*_{variant.id}*.failed.log")
                       if l.name.endswith(f"_{variant.id}.failed.log") or f"_{variant.id}~" in l.name)
-        st.refused.append("no receipt: it is not built, or its quality gate or smoke failed"
-                          + (f" -- see {', '.join(str(l) for l in logs)}" if logs else
-                             f" -- run `doit alloy={variant.alloy.name}` and read its errors"))
-        return st
-    lock_entry = lock["variants"].get(variant.id)
-    if lock_entry is None:
-        st.refused.append("the lock does not record it: run `doit` to write its lock entry, and commit the lock")
-        return st
-    st.random_weights = variant.steps["source"].kind == "synthetic" and not variant.config["publish"]["allow_synthetic"]
-    # The receipt does not wait for the envelope; publishing does.
-    for role in ("envelope", "smoke"):
-        step = variant.steps.get(role)
-        if step is not None and not Entry(step.kind, step.key).is_complete():
-            st.refused.append(f"its {role} check did not pass (no {role} report): run `doit alloy={variant.alloy.name}`")
-    if st.refused:
-        return st
+        c.refused.append("no receipt: it is not built, or its quality gate, envelope or smoke failed"
+                         + (f" -- see {', '.join(str(l) for l in logs)}" if logs else
+                            f" -- run `doit alloy={variant.alloy.name}` and read its errors"))
+        return c
+    c.lock_entry = lock["variants"].get(variant.id)
+    if c.lock_entry is None:
+        c.refused.append("the lock does not record it: run `doit` to write its lock entry, and commit the lock"
+                         + (" (a command-line experiment is recorded there only with lock=1)" if variant.overrides else ""))
+        return c
+    c.random_weights = variant.steps["source"].kind == "synthetic" and not variant.config["publish"]["allow_synthetic"]
     try:
-        sources = {variant.text_filename: Entry("quantize", variant.steps["quantize"].key).output()}
+        c.sources = {variant.text_filename: Entry("quantize", variant.steps["quantize"].key).output()}
         if variant.mmproj_filename:
             maker = variant.steps["projector"]
-            sources[variant.mmproj_filename] = Entry(maker.kind, maker.key).output()
+            c.sources[variant.mmproj_filename] = Entry(maker.kind, maker.key).output()
     except (OSError, ValueError, IndexError, KeyError):
-        st.refused.append("its GGUFs are missing from build/store (moved aside by check-cache?): run `doit` to rebuild them")
-        return st
-    recorded = {f["filename"]: f for f in lock_entry["outputs"]}
-    for name, path in sources.items():
+        c.refused.append("its GGUFs are missing from build/store (moved aside by check-cache?): run `doit` to rebuild them")
+        return c
+    recorded = {f["filename"]: f for f in c.lock_entry["outputs"]}
+    for name, path in c.sources.items():
         want = recorded.get(name)
         got = sha256_file(path) if path.is_file() else None
         if want is None or got != want["sha256"]:
-            st.refused.append(f"{name} does not hash as the lock records (lock {want['sha256'] if want else 'none'}, "
-                              f"file {got or 'missing'}): run `doit check-cache` and `doit verify only={variant.id}`")
-    if st.refused:
-        return st
-    rec = json.loads(receipt.file(f"{variant.alloy.name}.alloy.json").read_text())
-    env = json.loads(Entry("envelope", variant.steps["envelope"].key).file("envelope.json").read_text())
-    smoke = Entry("smoke", variant.steps["smoke"].key) if "smoke" in variant.steps else None
-    smoke_report = json.loads(smoke.file("smoke.json").read_text()) if smoke and smoke.is_complete() else None
+            c.refused.append(f"{name} does not hash as the lock records (lock {want['sha256'] if want else 'none'}, "
+                             f"file {got or 'missing'}): run `doit check-cache` and `doit verify only={variant.id}`")
+    if c.refused:
+        return c
+    c.receipt = json.loads(receipt.file(f"{variant.alloy.name}.alloy.json").read_text())
+    c.envelope = json.loads(Entry("envelope", variant.steps["envelope"].key).file("envelope.json").read_text())
+    return c
+
+
+def alloy_filename(c: Checked, default: bool) -> str:
+    name = c.variant.alloy.name
+    return f"{name}.alloy.json" if default else f"{name}-{c.variant.label}.alloy.json"
+
+
+def write_repo(items: list[Checked]) -> Staged:
+    """Write build/publish/<folder>/ atomically: every variant's files, one card, the executed alloys
+    and the registry entries. `items` are checked variants of one alloy for one repo, default first."""
+    repo = items[0].repo
+    folder = build_dir() / "publish" / (items[0].variant.alloy.name if len(items) > 1 else items[0].variant.id)
     tmp = folder.with_name(folder.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, path in sources.items():
-        os.symlink(path, tmp / name)
-    (tmp / "README.md").write_text(card(variant, rec, env, lock_entry, repo))
-    (tmp / f"{variant.alloy.name}.alloy.json").write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
-    reg = {alias_for(variant): registry_entry(variant, rec, env, smoke_report)}
-    (tmp / "registry-entry.json").write_text(json.dumps(reg, indent=2, sort_keys=True) + "\n")
+    for c in items:
+        for name, path in c.sources.items():
+            if not (tmp / name).is_symlink():  # one projector serves every quant of the alloy
+                os.symlink(path, tmp / name)
+    (tmp / "README.md").write_text(card(items, repo))
+    registry = {}
+    for i, c in enumerate(items):
+        (tmp / alloy_filename(c, i == 0)).write_text(json.dumps(c.receipt, indent=2, sort_keys=True) + "\n")
+        registry[alias_for(c.variant.id)] = registry_entry(c.variant.alloy, c.variant.config, c.lock_entry)
+    (tmp / "registry-entry.json").write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
-    st.files = {p.name: p for p in sorted(folder.iterdir())}
-    return st
+    return Staged(variant=", ".join(c.variant.id for c in items), repo=repo, folder=folder,
+                  files={p.name: p for p in sorted(folder.iterdir())},
+                  random_weights=any(c.random_weights for c in items))
+
+
+def stage_all(plan, lock: dict) -> list[Staged]:
+    """One staged folder per repo. A repo takes the declared variants of one alloy together (its
+    quant types, default first); anything else aimed at one repo (two alloys, an experiment beside
+    the declared ones) is refused, since one repo must not mix what its card cannot describe."""
+    checked = [check(plan, v, lock) for v in plan.variants]
+    by_repo: dict = {}
+    for c in checked:
+        by_repo.setdefault(c.repo, []).append(c)
+    staged = []
+    for repo, group in by_repo.items():
+        bad = [c for c in group if c.refused]
+        ok = [c for c in group if not c.refused]
+        for c in bad:
+            staged.append(Staged(variant=c.variant.id, repo=repo, folder=build_dir() / "publish" / c.variant.id,
+                                 files={}, refused=c.refused))
+        if not ok:
+            continue
+        alloys = {c.variant.alloy.name for c in ok}
+        if len(ok) > 1 and (len(alloys) > 1 or any(c.variant.overrides for c in ok)):
+            why = (f"{len(ok)} variants selected for one repo {repo} ({', '.join(c.variant.id for c in ok)}): a repo "
+                   "holds the declared variants of one alloy; choose with alloy= or quant=")
+            staged += [Staged(variant=c.variant.id, repo=repo, folder=build_dir() / "publish" / c.variant.id,
+                              files={}, refused=[why]) for c in ok]
+            continue
+        if bad:
+            # Publish a tier's repo whole or not at all: a declared quant that is not ready holds it back.
+            staged += [Staged(variant=c.variant.id, repo=repo, folder=build_dir() / "publish" / c.variant.id, files={},
+                              refused=[f"held back: {', '.join(b.variant.id for b in bad)} of the same repo is refused"])
+                       for c in ok]
+            continue
+        order = {q.lower(): i for i, q in enumerate(ok[0].variant.alloy.quant_types)}
+        ok.sort(key=lambda c: order.get(c.variant.quant, len(order)))
+        staged.append(write_repo(ok))
+    return staged
 
 
 def remote_files(api, repo: str) -> dict | None:
@@ -251,16 +355,7 @@ def run(plan, push: bool = False) -> int:
     token = os.environ.get("HF_TOKEN") or get_token()
     say = _Scrub(token)
     lock = read()
-    staged = [stage(plan, v, lock) for v in plan.variants]
-    by_repo = {}
-    for st in staged:
-        by_repo.setdefault(st.repo, []).append(st)
-    for repo, group in by_repo.items():
-        ok = [s for s in group if not s.refused]
-        if len(ok) > 1:
-            for s in ok:
-                s.refused.append(f"{len(ok)} variants selected for one repo {repo} ({', '.join(x.variant for x in ok)}): "
-                                 "choose one with alloy= or quant=")
+    staged = stage_all(plan, lock)
     api = HfApi(token=token)
     failed = False
     for st in staged:
@@ -310,7 +405,7 @@ def run(plan, push: bool = False) -> int:
             info = api.create_commit(
                 st.repo, operations=[CommitOperationAdd(n, str(st.files[n].resolve())) for n in todo],
                 commit_message=f"forge: {st.variant} ({len(todo)} files)",
-                commit_description=f"Published by the forge compiler from {st.variant}; see {st.variant.split('@')[0]}.alloy.json.")
+                commit_description=f"Published by the forge compiler from {st.variant}; see the executed alloys beside the GGUFs.")
             say(f"  committed {len(todo)} files: {info.commit_url}")
         except Exception as e:
             say(f"  FAILED to upload to {st.repo}: {type(e).__name__}: {e}")

@@ -136,15 +136,27 @@ def build() -> str:
 
     alloys = {a.name: a for a in load_dir(alloys_dir())}
     models = {}
+    declared: dict = {}  # alloy -> {quant label: alias} of its listed declared variants
     for vid, locked in lockfile.read()["variants"].items():
         alloy = alloys.get(locked["alloy"])
         if alloy is None:
             continue  # its alloy was removed
         overrides = locked.get("overrides", [])
-        quant = resolve_quant(locked["quant"], where=f"{lockfile.lock_path()} $.variants[{vid}].quant")
+        asked = next((o.split("=", 1)[1] for o in overrides if o.startswith("quant=")), locked["quant"])
+        quant = resolve_quant(asked, where=f"{lockfile.lock_path()} $.variants[{vid}].quant")
         cfg = compose(alloy.tier, quant, [o for o in overrides if not o.startswith("quant=")])
         if listed(alloy, cfg, locked):
             models[alias_for(vid)] = entry(alloy, cfg, locked)
+            if not overrides:
+                declared.setdefault(alloy.name, {})[cfg["quant"]["label"]] = alias_for(vid)
+    # A tier's repo holds every declared quant of its alloy: each entry names the default (the
+    # alloy's first quant type) and the others, so a loader can offer a smaller or larger one.
+    for name, by_label in declared.items():
+        order = [compose(alloys[name].tier, resolve_quant(q, where=name), [])["quant"]["label"]
+                 for q in alloys[name].quant_types]
+        labels = sorted(by_label, key=lambda lab: order.index(lab) if lab in order else len(order))
+        for alias in by_label.values():
+            models[alias]["quants"] = {"default": order[0], "available": labels}
     return render(models)
 
 

@@ -53,6 +53,18 @@ def test_demo_variant_has_published_names_and_a_true_receipt(demo_workspace):
     assert lock["demo"]["modelHash"] == integrity["modelHash"]
     assert lock["demo"]["source"]["kind"] == "synthetic"
     assert {f["filename"] for f in lock["demo"]["source"]["files"]} >= {"config.json", "model.safetensors"}
+    # No store key in the bytes: the converter names the model after it, not after the folder it
+    # was read from (a content key that can parse as a size label, "6b78...").
+    from gguf import GGUFReader
+
+    source_key = lock["demo"]["keys"]["source"]
+    for gguf_file in folder.glob("*.gguf"):
+        for field in GGUFReader(gguf_file).fields.values():
+            if field.types and field.types[0].name == "STRING" and len(field.types) == 1:
+                value = str(field.contents())
+                assert source_key not in value and source_key[:8] not in value, (gguf_file.name, field.name, value)
+        meta = GGUFReader(gguf_file).fields
+        assert meta["general.name"].contents() == "qwen3.5-tiny-random" and "general.finetune" not in meta
     # Progress a person can follow, and the outputs' location at the end.
     assert "quantize to Q4_K_M 100%" in ws.first_run.out
     assert str(folder) in ws.first_run.out

@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from conftest import assert_ok
+from conftest import Workspace, assert_ok
 from hub_loopback import LoopbackHub
 
 pytestmark = pytest.mark.build
@@ -58,6 +58,8 @@ def test_publish_dry_run_push_and_a_second_push_that_uploads_nothing(demo_worksp
     assert meta["license"] == "apache-2.0" and meta["quantized_by"] == "continuum-ai"
     assert {"continuum-ai", "forged", "forge-alloy", "gguf", "vision", "qwen3.5", "m4", "Q4_K_M"} <= set(meta["tags"])
     assert lock["outputs"][0]["sha256"] in card and "llama-mtmd-cli" in card and "doit verify only=demo" in card
+    # The card claims only the backend the smoke really ran on.
+    assert "mechanics verified on cpu, metal not verified" in card
     executed = json.loads(hub.repos[REPO]["files"]["demo.alloy.json"])
     assert executed["results"]["integrity"]["fileHashes"] == lock["outputs"]
     entry = json.loads(hub.repos[REPO]["files"]["registry-entry.json"])
@@ -112,3 +114,37 @@ def test_every_publish_message_is_scrubbed_of_the_token(capsys):
     say(f"HTTP 401 for https://hub/api?token={TOKEN}: Bearer {TOKEN}")
     out = capsys.readouterr().out
     assert TOKEN not in out and out.count("<token>") == 2
+
+
+def test_a_tier_repo_holds_every_declared_quant_of_its_alloy(tmp_path, hub):
+    ws = Workspace(tmp_path)
+    repo = "continuum-ai/qwen3.5-demo-two-GGUF"
+    path = ws.add_alloy("demo-two")
+    data = json.loads(path.read_text())
+    next(s for s in data["stages"] if s["type"] == "quant")["quantTypes"] = ["Q4_K_M", "Q8_0"]
+    next(s for s in data["stages"] if s["type"] == "publish")["repo"] = repo
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    assert_ok(ws.doit("alloy=demo-two"))
+    lock = ws.lock()["variants"]
+    assert {"demo-two", "demo-two@q8_0"} <= set(lock)  # both declared: both in the committed lock
+    run = ws.doit("publish", "alloy=demo-two", "push=1", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1",
+                  HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1")
+    assert_ok(run)
+    files = hub.repos[repo]["files"]
+    # Two quants beside one projector, one card, each quant's executed alloy, both registry entries.
+    assert set(files) == {"demo-two-Q4_K_M.gguf", "demo-two-Q8_0.gguf", "mmproj-demo-two-F16.gguf", "README.md",
+                          "demo-two.alloy.json", "demo-two-Q8_0.alloy.json", "registry-entry.json"}
+    assert len(hub.repos[repo]["commits"]) == 1
+    card = files["README.md"].decode()
+    for variant, quant in (("demo-two", "Q4_K_M"), ("demo-two@q8_0", "Q8_0")):
+        text = next(o for o in lock[variant]["outputs"] if not o["filename"].startswith("mmproj-"))
+        row = next(line for line in card.splitlines() if line.startswith(f"| `{text['filename']}`"))
+        assert text["sha256"] in row and f"text model, {quant}" in row and "(pass)" in row and " MiB |" in row
+        assert hashlib.sha256(files[text["filename"]]).hexdigest() == text["sha256"]
+    assert "default quant is **Q4_K_M**" in card and "doit verify only=demo-two,demo-two@q8_0" in card
+    entries = json.loads(files["registry-entry.json"])
+    assert set(entries) == {"continuum-ai/demo-two", "continuum-ai/demo-two-q8_0"}
+    registry = json.loads(ws.registry.read_text())["models"]
+    assert registry["continuum-ai/demo-two-q8_0"]["quants"] == {"default": "Q4_K_M", "available": ["Q4_K_M", "Q8_0"]}
+    assert json.loads(files["demo-two-Q8_0.alloy.json"])["results"]["integrity"]["fileHashes"] == \
+        lock["demo-two@q8_0"]["outputs"]

@@ -3,6 +3,9 @@ GGUF (bf16 or f16) or, with --mmproj, the vision projector GGUF (f16)."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from pathlib import Path
 
 from .. import ggufcheck
 from ..errors import ForgeError
@@ -19,14 +22,29 @@ def run(step, out, inputs, log, ctx):
     src = checkpoint_dir(inputs["source"])
     config = json.loads((src / "config.json").read_text())
     outtype = step.params["outtype"]
+    if step.kind == "mmproj" and "vision_config" not in config:
+        raise ForgeError("the checkpoint has no vision_config: nothing to build a projector from",
+                         where=str(src / "config.json"), hint="drop the alloy's modality stage (text only)")
+    # The converter falls back on the checkpoint folder's name for general.basename/finetune/size
+    # label. Ours is a content key (or a Hub snapshot's commit): a hex string that can parse as a
+    # size label ("6b78...") and would put the key into the bytes. Convert through a link named after
+    # the model instead, as a plain `git clone` of the repo would be.
+    named = Path(tempfile.mkdtemp(prefix="forge-convert-"))
+    link = named / step.params["model_name"]
+    os.symlink(src.resolve(), link)
+    try:
+        _convert(step, out, log, script, link, config, outtype)
+    finally:
+        link.unlink()
+        named.rmdir()
+
+
+def _convert(step, out, log, script, src, config, outtype):
     cmd = [python(), script, src, "--outtype", outtype, "--model-name", step.params["model_name"]]
     if step.kind == "mmproj":
         name = f"mmproj-{outtype.upper()}.gguf"
         cmd += ["--mmproj"]
         what = f"convert the vision projector to {outtype.upper()}"
-        if "vision_config" not in config:
-            raise ForgeError("the checkpoint has no vision_config: nothing to build a projector from",
-                             where=str(src / "config.json"), hint="drop 'vision' from the alloy's modality stage")
     else:
         name = f"model-{outtype.upper()}.gguf"
         what = f"convert the text model to {outtype.upper()}"
