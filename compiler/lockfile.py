@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .alloy import validate
 from .errors import ForgeError
-from .paths import build_dir, lock_path, state_dir
+from .paths import build_dir, lock_path
 from .store import Entry
 from .toolchain import fingerprint_parts
 
@@ -38,23 +38,32 @@ def path_for(variant, record_experiments: bool = False) -> Path:
 @contextmanager
 def exclusive(path: Path):
     """Hold an OS file lock for a read-modify-write of `path`: two runs on one checkout each add
-    their entries instead of the last one's write dropping the other's. The lock file lives in the
-    build's state folder, not beside the committed file."""
-    import hashlib
-
+    their entries instead of the last one's write dropping the other's, whatever build dirs they
+    use. The lock file sits beside the guarded file, hidden and ignored by git (`.<name>.lock`)."""
     from filelock import FileLock
 
-    locks = state_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    tag = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-    with FileLock(str(locks / f"{path.name}-{tag}.lock")):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock")):
         yield
 
 
-def envelope_summary(report: dict) -> dict:
+ENVELOPE_CONFIG = ("tier", "backend", "sensory")
+
+
+def config_digest(cfg: dict) -> str:
+    """sha256 of the configuration an envelope was checked at (tier, backend, sensory stack): the
+    registry lists a locked variant only while conf/ still says the same."""
+    import hashlib
+
+    subset = {k: cfg[k] for k in ENVELOPE_CONFIG}
+    return hashlib.sha256(json.dumps(subset, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def envelope_summary(report: dict, cfg: dict) -> dict:
     """What the registry needs of the envelope report: settings, terms, verdict totals."""
     v = report["verdict"]
-    return {"n_ctx": report["runtime"]["n_ctx"], "n_seq_max": report["runtime"]["n_seq_max"],
+    return {"config_sha256": config_digest(cfg),
+            "n_ctx": report["runtime"]["n_ctx"], "n_seq_max": report["runtime"]["n_seq_max"],
             "terms": {t["id"]: t["bytes"] for t in report["terms"]},
             "total_bytes": v["total_bytes"], "sensory_bytes": v["sensory_bytes"],
             "gpu_resident_bytes": v["gpu_resident_bytes"], "passed": v["passed"]}
@@ -102,7 +111,7 @@ def entry_for(plan, variant) -> dict:
         "keys": {role: s.key for role, s in variant.steps.items() if role != "envelope"},
         "outputs": results["integrity"]["fileHashes"],
         "modelHash": results["integrity"]["modelHash"],
-        "envelope": envelope_summary(envelope),
+        "envelope": envelope_summary(envelope, variant.steps["envelope"].params["config"]),
         "verification": verification(variant.config["backend"]["name"], smoke),
         "smoke": None if smoke is None else {
             "passed": bool(smoke["passed"]), "vision_score": smoke["vision"]["score"],
@@ -113,20 +122,34 @@ def entry_for(plan, variant) -> dict:
     }
 
 
-def read(path: Path | None = None) -> dict:
+def read(path: Path | None = None, check: bool = True) -> dict:
     path = path or lock_path()
     if not path.is_file():
         return {"lockVersion": 1, "variants": {}}
     data = json.loads(path.read_text())
-    validate(data, "lock.schema.json", str(path))
+    if check:
+        validate(data, "lock.schema.json", str(path))
     return data
 
 
+def no_longer_declared(lock: dict, plan, variant) -> list[str]:
+    """Entries of this variant's alloy for quants it no longer declares (an alloy's quantTypes
+    shrank): the lock records what the alloys declare, so they go."""
+    if not is_declared(variant):
+        return []
+    declared = {v.id for v in plan.variants if v.alloy.name == variant.alloy.name and is_declared(v)}
+    return [vid for vid, e in lock["variants"].items()
+            if e["alloy"] == variant.alloy.name and not e.get("overrides") and vid not in declared]
+
+
 def recorded(plan, variant, record_experiments: bool = False) -> bool:
-    """The lock already holds exactly what this variant's receipt and reports say."""
+    """The lock already holds exactly what this variant's receipt and reports say, and nothing its
+    alloy no longer declares."""
     path = path_for(variant, record_experiments)
     try:
-        return read(path)["variants"].get(variant.id) == json.loads(json.dumps(entry_for(plan, variant)))
+        lock = read(path)
+        return (lock["variants"].get(variant.id) == json.loads(json.dumps(entry_for(plan, variant)))
+                and not no_longer_declared(lock, plan, variant))
     except (OSError, ValueError, KeyError, ForgeError):
         return False  # unreadable or not valid: the lock task rewrites it
 
@@ -137,9 +160,13 @@ def update(plan, variants, record_experiments: bool = False) -> tuple[Path, bool
     path = path_for(variants[0], record_experiments)
     assert all(path_for(v, record_experiments) == path for v in variants)
     with exclusive(path):
-        lock = read(path)
+        # Entries written by an older forge may miss a field: they are rewritten here, and the
+        # result as a whole must validate before it replaces the file.
+        lock = read(path, check=False)
         before = json.dumps(lock, sort_keys=True)
         for v in variants:
+            for gone in no_longer_declared(lock, plan, v):
+                del lock["variants"][gone]
             if Entry(v.steps["receipt"].kind, v.steps["receipt"].key).is_complete():
                 lock["variants"][v.id] = entry_for(plan, v)
         lock["variants"] = dict(sorted(lock["variants"].items()))

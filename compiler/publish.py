@@ -205,6 +205,12 @@ def card(items: list[Checked], repo: str) -> str:
 def check(plan, variant, lock: dict) -> Checked:
     """Everything publishing a variant needs, or why it is refused (nothing written)."""
     c = Checked(variant=variant, repo=repo_for(variant.alloy))
+    if variant.overrides:
+        # A tier's repo holds the alloy's declared quants only: an experiment published there would
+        # replace its card and default recipe with something no alloy declares.
+        c.refused.append(f"an experiment (overrides {', '.join(variant.overrides)}) is not published: declare its "
+                         f"quant in the alloy's quantTypes")
+        return c
     receipt = Entry("receipt", variant.steps["receipt"].key)
     if not receipt.is_complete():
         logs = sorted(l for l in (build_dir() / "logs").glob(f"*_{variant.id}*.failed.log")
@@ -215,8 +221,7 @@ def check(plan, variant, lock: dict) -> Checked:
         return c
     c.lock_entry = lock["variants"].get(variant.id)
     if c.lock_entry is None:
-        c.refused.append("the lock does not record it: run `doit` to write its lock entry, and commit the lock"
-                         + (" (a command-line experiment is recorded there only with lock=1)" if variant.overrides else ""))
+        c.refused.append("the lock does not record it: run `doit` to write its lock entry, and commit the lock")
         return c
     c.random_weights = variant.steps["source"].kind == "synthetic" and not variant.config["publish"]["allow_synthetic"]
     try:
@@ -263,6 +268,9 @@ def write_repo(items: list[Checked]) -> Staged:
     for i, c in enumerate(items):
         (tmp / alloy_filename(c, i == 0)).write_text(json.dumps(c.receipt, indent=2, sort_keys=True) + "\n")
         registry[alias_for(c.variant.id)] = registry_entry(c.variant.alloy, c.variant.config, c.lock_entry)
+        # As model_registry.json has it: the default quant (published first) and the others.
+        registry[alias_for(c.variant.id)]["quants"] = {"default": items[0].variant.label,
+                                                       "available": [x.variant.label for x in items]}
     (tmp / "registry-entry.json").write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
@@ -290,9 +298,9 @@ def stage_all(plan, lock: dict) -> list[Staged]:
         if not ok:
             continue
         alloys = {c.variant.alloy.name for c in ok}
-        if len(ok) > 1 and (len(alloys) > 1 or any(c.variant.overrides for c in ok)):
+        if len(alloys) > 1:
             why = (f"{len(ok)} variants selected for one repo {repo} ({', '.join(c.variant.id for c in ok)}): a repo "
-                   "holds the declared variants of one alloy; choose with alloy= or quant=")
+                   "holds the declared variants of one alloy; choose with alloy=")
             staged += [Staged(variant=c.variant.id, repo=repo, folder=build_dir() / "publish" / c.variant.id,
                               files={}, refused=[why]) for c in ok]
             continue

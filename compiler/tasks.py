@@ -22,14 +22,16 @@ def _guarded(fn, *args):
 def toolchain_task(plan) -> dict:
     """The compiled llama.cpp. scripts/bootstrap.py builds it; this task finds it ready, or (after a
     compiler change, or a cleaned cache) compiles it again and puts its libraries under the binding."""
-    from .toolchain import build_key, rebuild_for_binding
+    from .toolchain import binding_current, build_key, rebuild_for_binding
 
     return {
         "basename": "toolchain",
         "doc": f"{', '.join(TOOLS)} and the binding's libraries from vendor/llama.cpp (build {build_key()})",
         "actions": [(_guarded, [rebuild_for_binding])],
         "targets": [str(build_manifest())],
-        "uptodate": [lambda task, values: build_ready()],
+        # Ready, and this venv's binding loads that same build (another clone sharing FORGE_CACHE may
+        # have compiled a new key).
+        "uptodate": [lambda task, values: build_ready() and binding_current()],
         "verbosity": 2,
     }
 

@@ -11,6 +11,7 @@ Standard library only: scripts/bootstrap.py imports this before any dependency i
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -237,6 +238,22 @@ def tool(name: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def cache_lock(name: str):
+    """An exclusive lock on FORGE_CACHE/<name>.lock (fcntl: standard library, as the set-up needs):
+    two clones compiling the same key at once build it once; the second waits, then finds it ready."""
+    import fcntl
+
+    path = cache_dir() / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class _Progress:
     """Ninja's `[n/N] ...` lines turned into a line a person can follow: every 5% (and at least
     every 30 s), the step count, elapsed time, an estimate of what is left and what is compiling."""
@@ -275,6 +292,13 @@ def build_llama_cpp(log=print, jobs: int | None = None, ninja: str | None = None
     key = build_key(parts)
     if build_ready(key):
         return build_dir(key)
+    with cache_lock(f"llama.cpp/{key}"):
+        if build_ready(key):  # another clone finished it while this one waited
+            return build_dir(key)
+        return _compile(parts, key, log, jobs, ninja)
+
+
+def _compile(parts: dict, key: str, log, jobs: int | None, ninja: str | None) -> Path:
     if not vendor_marker().is_file() or vendor_marker().read_text().strip() != ARCHIVE_SHA256:
         raise ForgeError("vendor/llama.cpp is missing or not from the pinned archive", where=str(VENDOR_DIR),
                          hint="run `python3 scripts/bootstrap.py`")
@@ -363,20 +387,31 @@ def binding_matches(package_lib: Path, key: str | None = None) -> bool:
         (package_lib / n).is_file() and (package_lib / n).stat().st_size == f["size"] for n, f in data["libs"].items())
 
 
+def _binding_lib() -> Path | None:
+    """llama_cpp/lib of the binding this interpreter runs, if the set-up installed it on a forge build
+    (it carries the record); never, say, a CUDA build of the binding a GPU script put on PYTHONPATH."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")  # finds the package without importing (and loading) it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    return lib if (lib / BINDING_RECORD).is_file() else None
+
+
+def binding_current() -> bool:
+    lib = _binding_lib()
+    return lib is None or binding_matches(lib)
+
+
 def rebuild_for_binding(log=print) -> Path:
     """Compile llama.cpp if this machine's build is missing (a cleaned cache, another compiler),
     then put its libraries under the binding this interpreter runs, so tools and binding stay one."""
-    import importlib.util
-
     folder = build_llama_cpp(log=log, ninja=shutil.which("ninja", path=str(Path(sys.executable).parent)))
-    spec = importlib.util.find_spec("llama_cpp")  # finds the package without importing (and loading) it
-    if spec is not None and spec.submodule_search_locations:
-        lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
-        # Only a binding the set-up installed on a forge build (it carries the record); never, say,
-        # a CUDA build of the binding that a GPU script put on PYTHONPATH.
-        if (lib / BINDING_RECORD).is_file() and not binding_matches(lib):
-            install_binding_libs(lib)
-            log(f"binding's libraries now from llama.cpp build {build_key()} ({lib})")
+    lib = _binding_lib()
+    if lib is not None and not binding_matches(lib):
+        install_binding_libs(lib)
+        log(f"binding's libraries now from llama.cpp build {build_key()} ({lib})")
     return folder
 
 

@@ -157,17 +157,18 @@ def binding(env: Venv, archive: Path) -> None:
         return
     # The binding's Python code does not depend on the compiled libraries: one wheel per archive.
     wheels = cache_dir() / "wheels" / f"{toolchain.ARCHIVE_SHA256[:16]}-python-only"
-    found = sorted(wheels.glob("llama_cpp_python-*.whl")) if wheels.is_dir() else []
-    if not found:
-        say("packaging the llama-cpp-python binding without its own llama.cpp (LLAMA_BUILD=OFF)")
-        tmp = wheels.with_name(wheels.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        env.pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(archive),
-                env=dict(env.env(), CMAKE_ARGS="-DLLAMA_BUILD=OFF"))
-        shutil.rmtree(wheels, ignore_errors=True)
-        os.replace(tmp, wheels)
-        found = sorted(wheels.glob("llama_cpp_python-*.whl"))
+    with toolchain.cache_lock(f"wheels/{wheels.name}"):  # one clone packages it; another waits
+        found = sorted(wheels.glob("llama_cpp_python-*.whl")) if wheels.is_dir() else []
+        if not found:
+            say("packaging the llama-cpp-python binding without its own llama.cpp (LLAMA_BUILD=OFF)")
+            tmp = wheels.with_name(wheels.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            env.pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(archive),
+                    env=dict(env.env(), CMAKE_ARGS="-DLLAMA_BUILD=OFF"))
+            shutil.rmtree(wheels, ignore_errors=True)
+            os.replace(tmp, wheels)
+            found = sorted(wheels.glob("llama_cpp_python-*.whl"))
     say("installing the llama-cpp-python binding on the compiled libraries")
     env.pip("install", "-q", "--no-deps", "--force-reinstall", str(found[0]))
     record = toolchain.install_binding_libs(lib, key)

@@ -148,3 +148,27 @@ def test_a_tier_repo_holds_every_declared_quant_of_its_alloy(tmp_path, hub):
     assert registry["continuum-ai/demo-two-q8_0"]["quants"] == {"default": "Q4_K_M", "available": ["Q4_K_M", "Q8_0"]}
     assert json.loads(files["demo-two-Q8_0.alloy.json"])["results"]["integrity"]["fileHashes"] == \
         lock["demo-two@q8_0"]["outputs"]
+    assert entries["continuum-ai/demo-two"]["quants"] == {"default": "Q4_K_M", "available": ["Q4_K_M", "Q8_0"]}
+    # The alloy stops declaring Q8_0: its lock entry goes (the lock records what alloys declare).
+    next(s for s in data["stages"] if s["type"] == "quant")["quantTypes"] = ["Q4_K_M"]
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    assert_ok(ws.doit("alloy=demo-two"))
+    assert set(ws.lock()["variants"]) == {"demo-two"}
+
+
+def test_random_weights_and_experiments_are_never_pushed(demo_workspace, hub):
+    ws = demo_workspace
+    cfg = ws.conf / "config.yaml"
+    original = cfg.read_text()
+    cfg.write_text(original.replace("allow_synthetic: true", "allow_synthetic: false"))
+    try:
+        run = publish(ws, hub, "push=1")
+    finally:
+        cfg.write_text(original)
+    assert run.proc.returncode != 0
+    assert "random-weight source: staged for inspection; pushing it needs publish.allow_synthetic=true" in run.out
+    # A command-line experiment would replace the tier repo's card and default recipe: refused.
+    experiment = publish(ws, hub, "quant=q8", "push=1")
+    assert experiment.proc.returncode != 0
+    assert "an experiment (overrides quant=q8_0) is not published" in experiment.out
+    assert hub.repos == {}

