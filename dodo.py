@@ -16,6 +16,7 @@ from doit import doit_cmd
 from compiler.errors import ForgeError
 from compiler.graph import compile_graph
 from compiler.paths import build_dir
+from compiler.report import reporter_for
 from compiler.tasks import build_task_names, check_cache_task, publish_task, tasks, verify_task
 
 build_dir().mkdir(parents=True, exist_ok=True)
@@ -36,6 +37,8 @@ DOIT_CONFIG = {
     "backend": "sqlite3",
     "continue": True,       # an unreachable source fails its alloy; the others still build
     "verbosity": 2,
+    # Each failure once with its reason and log, then a line per variant (no UnmetDependency cascade).
+    "reporter": reporter_for(PLAN),
     "action_string_formatting": "new",
     # A plain `doit` builds; verify and check-cache run only when named.
     "default_tasks": build_task_names(PLAN),

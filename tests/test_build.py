@@ -145,6 +145,14 @@ def test_unreachable_source_fails_its_alloy_and_the_others_still_build(demo_work
         # The demo variants were checked and are still there, untouched.
         assert "quantize:demo" in run.skipped
         assert ws.variant("demo").joinpath("demo-Q4_K_M.gguf").exists()
+        # The terminal: the failure once, with its log, then a line per variant -- no doit cascade
+        # of every step downstream of the source.
+        assert run.proc.stdout.count("FAILED source:qwen3.5-4b:") == 1
+        assert "UnmetDependency" not in run.out
+        summary = run.proc.stdout.split("Variants:\n", 1)[1].splitlines()
+        states = dict(line.split(None, 1) for line in summary if line.strip())
+        assert states["offline-4b"].startswith("failed at source:qwen3.5-4b: alloy offline-4b: source ")
+        assert "(log: " in states["offline-4b"] and states["demo"] == "up to date"
     finally:
         path.unlink()
 
