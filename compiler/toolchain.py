@@ -202,7 +202,8 @@ def converter_parts() -> dict:
 def fingerprints() -> dict:
     """Per kind of step, the fingerprint of what shapes its bytes: `converter` (Python side only),
     `build` (the compiled llama.cpp only) and `full` (both: steps that run the binding from Python)."""
-    return {"converter": _digest(converter_parts()), "build": _digest(build_parts()), "full": fingerprint()}
+    build, conv = build_parts(), converter_parts()  # each package version read once
+    return {"converter": _digest(conv), "build": _digest(build), "full": _digest({**build, "python": conv["python"]})}
 
 
 def build_dir(key: str | None = None) -> Path:
