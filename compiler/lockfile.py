@@ -16,7 +16,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from .alloy import validate
+from .alloy import canonical_json, validate
 from .errors import ForgeError
 from .paths import build_dir, lock_path
 from .store import Entry
@@ -55,8 +55,7 @@ def config_digest(cfg: dict) -> str:
     registry lists a locked variant only while conf/ still says the same."""
     import hashlib
 
-    subset = {k: cfg[k] for k in ENVELOPE_CONFIG}
-    return hashlib.sha256(json.dumps(subset, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(canonical_json({k: cfg[k] for k in ENVELOPE_CONFIG})).hexdigest()
 
 
 def envelope_summary(report: dict, cfg: dict) -> dict:
