@@ -75,6 +75,8 @@ ImatrixNeed = Enum("ImatrixNeed", {name: name for name in ("required", "recommen
 # The alloy schema's convertType and projectorType.
 ConvertType = Enum("ConvertType", {name: name for name in ("bf16", "f16")})
 ProjectorType = Enum("ProjectorType", {name: name for name in ("f16", "q8_0")})
+# What becomes of a checkpoint's multi-token-prediction head (stages/convert.py).
+MtpPolicy = Enum("MtpPolicy", {name: name for name in ("drop", "draft")})
 # smoke_run.Session's modes.
 GpuMode = Enum("GpuMode", {name: name for name in ("auto", "required", "off")})
 
@@ -177,6 +179,18 @@ class Sensory:
 @dataclass
 class Convert:
     outtype: ConvertType = MISSING
+    mtp: MtpPolicy = MISSING
+
+
+@dataclass
+class Source:
+    require_commit: bool = MISSING
+
+
+@dataclass
+class Weights:
+    max_abs: float = bounded(gt=0, le=65504, why="the largest finite f16: the F16 reference and every k-quant's "
+                             "block scales are stored as fp16")
 
 
 @dataclass
@@ -200,6 +214,7 @@ class Smoke:
     image_px: int = bounded(ge=32, why="the smallest image the projector turns into a token (one merged patch)")
     vision_items: int = bounded(ge=1, why="the smoke stage fails a variant whose vision suite did not run")
     min_vision_score: float = bounded(ge=0, le=1, why="a pass rate")
+    gate_alone: bool = MISSING
     gpu: GpuMode = GpuMode.auto  # plan.py reads it with .get("gpu", "auto")
 
 
@@ -219,7 +234,9 @@ class ForgeConfig:
     quant: Quant = MISSING
     backend: Backend = MISSING
     sensory: Sensory = MISSING
+    source: Source = MISSING
     convert: Convert = MISSING
+    weights: Weights = MISSING
     imatrix: Imatrix = MISSING
     gate: Gate = MISSING
     smoke: Smoke = MISSING

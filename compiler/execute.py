@@ -12,12 +12,13 @@ from pathlib import Path
 from .errors import ForgeError
 from .paths import build_dir, state_dir, variants_dir
 from .runlog import StepLog
-from .stages import convert, envelope, gate, imatrix, quantize, receipt, smoke, source
+from .stages import convert, envelope, gate, imatrix, quantize, receipt, smoke, source, validate
 from .store import Entry, Writer, require
 
 STAGES = {
     "synthetic": source, "hub": source, "local": source,
-    "convert": convert, "mmproj": convert,
+    "validate": validate,
+    "convert": convert, "mmproj": convert, "mtp-draft": convert,
     "quantize": quantize, "mmproj-quantize": quantize,
     "imatrix": imatrix,
     "kld-base": gate, "gate": gate,
@@ -116,6 +117,8 @@ def variant_links(plan, variant) -> dict:
     if "projector" in variant.steps:
         proj = entry(variant.steps["projector"])
         links[variant.mmproj_filename] = proj.output()
+    if "draft" in variant.steps:
+        links[variant.draft_filename] = entry(variant.steps["draft"]).output()
     rec = entry(variant.steps["receipt"])
     links[f"{variant.alloy.name}.alloy.json"] = rec.file(f"{variant.alloy.name}.alloy.json")
     return links

@@ -83,6 +83,19 @@ def verification(keyed_backend: str, smoke: dict | None) -> dict:
             "summary": summary}
 
 
+def template_name(text: str) -> str:
+    """A chat template's name in the lock and the registry: the architecture and its content hash, so
+    entries that carry the same template share one name and a changed template gets a new one."""
+    import hashlib
+
+    return "qwen35-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def chat_template(variant) -> str:
+    rec = Entry(variant.steps["receipt"].kind, variant.steps["receipt"].key)
+    return rec.file("chat_template.jinja").read_text()
+
+
 def entry_for(plan, variant) -> dict:
     src_step = variant.steps["source"]
     src = Entry(src_step.kind, src_step.key).manifest()
@@ -97,9 +110,13 @@ def entry_for(plan, variant) -> dict:
                  for k, v in sorted(src["localFiles"].items())]
     else:
         files = sorted(src["files"], key=lambda f: f["filename"])
+    import hashlib
+
+    template = chat_template(variant)
     return {
         "alloy": alloy.name,
         "alloyHash": alloy.alloy_hash,
+        "chatTemplate": {"name": template_name(template), "sha256": hashlib.sha256(template.encode()).hexdigest()},
         "overrides": variant.overrides,
         "tier": variant.config["tier"]["name"],
         "quant": variant.llama_type,
@@ -147,10 +164,17 @@ def recorded(plan, variant, record_experiments: bool = False) -> bool:
     path = path_for(variant, record_experiments)
     try:
         lock = read(path)
-        return (lock["variants"].get(variant.id) == json.loads(json.dumps(entry_for(plan, variant)))
+        entry = json.loads(json.dumps(entry_for(plan, variant)))
+        return (lock["variants"].get(variant.id) == entry
+                and lock.get("chatTemplates", {}).get(entry["chatTemplate"]["name"]) == chat_template(variant)
+                and set(lock.get("chatTemplates", {})) == _templates_in_use(lock)
                 and not no_longer_declared(lock, plan, variant))
     except (OSError, ValueError, KeyError, ForgeError):
         return False  # unreadable or not valid: the lock task rewrites it
+
+
+def _templates_in_use(lock: dict) -> set:
+    return {e["chatTemplate"]["name"] for e in lock["variants"].values() if "chatTemplate" in e}
 
 
 def update(plan, variants, record_experiments: bool = False) -> tuple[Path, bool]:
@@ -168,7 +192,11 @@ def update(plan, variants, record_experiments: bool = False) -> tuple[Path, bool
                 del lock["variants"][gone]
             if Entry(v.steps["receipt"].kind, v.steps["receipt"].key).is_complete():
                 lock["variants"][v.id] = entry_for(plan, v)
+                lock.setdefault("chatTemplates", {})[lock["variants"][v.id]["chatTemplate"]["name"]] = chat_template(v)
         lock["variants"] = dict(sorted(lock["variants"].items()))
+        # A template no entry names any more leaves with the last entry that carried it.
+        used = _templates_in_use(lock)
+        lock["chatTemplates"] = {k: t for k, t in sorted(lock.get("chatTemplates", {}).items()) if k in used}
         validate(lock, "lock.schema.json", str(path))
         changed = json.dumps(lock, sort_keys=True) != before
         if changed:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .alloy import Alloy
 from .config import compose, resolve_quant
 from .errors import ForgeError
+from .hub import is_commit
 
 KEY_LEN = 32  # hex chars of sha256 kept in store paths: 128 bits
 
@@ -37,6 +38,12 @@ class Step:
     params: dict
     inputs: tuple      # ((role, task), ...) of upstream steps
     doc: str
+    # What running needs but does not shape the bytes, so stays out of the key: where a local
+    # checkpoint lies on this machine, which branch name a commit was resolved from.
+    runtime: dict = field(default_factory=dict, compare=False, hash=False)
+    # Tasks that must succeed first without their keys entering this one's (the weight checks
+    # before quantize: a change to a check must not re-quantize).
+    after: tuple = ()
 
     @property
     def basename(self) -> str:
@@ -63,6 +70,11 @@ class Variant:
         return f"{self.alloy.name}-{self.label}.gguf"
 
     @property
+    def draft_filename(self) -> str | None:
+        step = self.steps.get("draft")
+        return None if step is None else f"{self.alloy.name}-MTP-{step.params['outtype'].upper()}.gguf"
+
+    @property
     def mmproj_filename(self) -> str | None:
         step = self.steps.get("projector")
         if step is None:
@@ -86,8 +98,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._,-]+", "-", text).strip("-").lower()
 
 
-def source_params(alloy: Alloy, source_ids: dict) -> tuple[str, dict, bool]:
-    """(kind, params, depends_on_toolchain) of the source step."""
+def source_params(alloy: Alloy, source_ids: dict) -> tuple[str, dict, bool, dict]:
+    """(kind, params, depends_on_toolchain, runtime) of the source step. A Hub source is keyed by
+    the commit its revision resolved to (source_ids[alloy.name]["commit"], from graph.py), never by
+    a branch name whose bytes move."""
     src = alloy.source
     if "synthetic" in src:
         from .synthetic import load_shape
@@ -97,11 +111,18 @@ def source_params(alloy: Alloy, source_ids: dict) -> tuple[str, dict, bool]:
         # and on the generator itself (its digest comes in through source_ids).
         return "synthetic", {"shape": shape, "seed": src["synthetic"]["seed"],
                              "generator": source_ids["synthetic-generator"],
-                             "baseModel": src["baseModel"]}, True
+                             "baseModel": src["baseModel"]}, True, {}
     if "localPath" in src:
-        return "local", {"path": src["localPath"], "files": source_ids[alloy.name]}, False
-    return "hub", {"repo": src["baseModel"], "revision": src["revision"],
-                   "allowPatterns": alloy.allow_patterns}, False
+        local = source_ids[alloy.name]
+        return "local", {"files": local["files"]}, False, {
+            "path": local["path"], "alloy": str(alloy.path), "localPath": src["localPath"]}
+    pin = source_ids.get(alloy.name, {})
+    params = {"repo": src["baseModel"], "allowPatterns": alloy.allow_patterns}
+    if "commit" in pin:
+        params["commit"] = pin["commit"]
+    else:
+        params.update(revision=src["revision"], unresolved=pin.get("unresolved", "the revision was not resolved"))
+    return "hub", params, False, {"revision": src["revision"]}
 
 
 def variant_id(alloy: Alloy, quant: str, overrides: list[str]) -> str:
@@ -143,7 +164,8 @@ def select_alloys(alloys: list[Alloy], selectors: dict, overrides: list[str]) ->
 # The forge's own code each step kind runs: its digest joins that kind's keys, so a change to how a
 # step is done reruns that step (and what follows), never the others.
 STAGE_CODE = {
-    "convert": ["stages/convert.py"], "mmproj": ["stages/convert.py"],
+    "convert": ["stages/convert.py"], "mmproj": ["stages/convert.py"], "mtp-draft": ["stages/convert.py"],
+    "validate": ["stages/validate.py", "weights.py"],
     "imatrix": ["stages/imatrix.py"], "quantize": ["stages/quantize.py"], "mmproj-quantize": ["stages/quantize.py"],
     "kld-base": ["stages/gate.py"], "gate": ["stages/gate.py"],
     "envelope": ["stages/envelope.py", "envelope.py", "measure.py", "smoke_run.py", "vision_suite.py"],
@@ -155,7 +177,8 @@ STAGE_CODE = {
 # Which toolchain fingerprint enters each kind's key (toolchain.fingerprints): what shapes its bytes,
 # no more. Conversion and the demo's generation run Python only; quantization and the llama.cpp
 # tools run the compiled C/C++ only; envelope, smoke and receipt run (or record) both.
-FINGERPRINT_OF = {"synthetic": "converter", "convert": "converter", "mmproj": "converter",
+FINGERPRINT_OF = {"synthetic": "converter", "convert": "converter", "mmproj": "converter", "mtp-draft": "converter",
+                  "validate": "converter",
                   "quantize": "build", "mmproj-quantize": "build", "imatrix": "build", "kld-base": "build",
                   "gate": "build", "envelope": "full", "smoke": "full", "receipt": "full"}
 
@@ -170,7 +193,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
     by_key: dict[tuple, Step] = {}
     variants = []
 
-    def add(basename: str, label: str, kind: str, params: dict, inputs: list, fp: str | None, doc: str) -> Step:
+    def add(basename: str, label: str, kind: str, params: dict, inputs: list, fp: str | None, doc: str,
+            runtime: dict | None = None, after: list | None = None) -> Step:
         if fp is not None:
             fp = fingerprints[FINGERPRINT_OF[kind]]
         if fp is not None and code and kind in code:
@@ -182,7 +206,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
         if task in steps:  # same label, different content: keep both, told apart by key
             task = f"{basename}:{label}~{key[:8]}"
         step = Step(task=task, kind=kind, key=key, params=params,
-                    inputs=tuple((role, s.task) for role, s in inputs), doc=doc)
+                    inputs=tuple((role, s.task) for role, s in inputs), doc=doc, runtime=runtime or {},
+                    after=tuple(s.task for s in after or []))
         steps[task] = step
         by_key[(kind, key)] = step
         return step
@@ -200,10 +225,11 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
         where = str(alloy.path)
         quants = [quant_override] if quant_override else [
             resolve_quant(q, where=f"{where} $.stages[quant].quantTypes") for q in alloy.quant_types]
-        kind, sparams, needs_fp = source_params(alloy, source_ids)
+        kind, sparams, needs_fp, sruntime = source_params(alloy, source_ids)
         src_label = slug(alloy.source["baseModel"].split("/")[-1])
+        at = f" (commit {sparams['commit'][:12]})" if "commit" in sparams else ""
         source = add("source", src_label, kind, sparams, [], toolchain if needs_fp else None,
-                     f"fetch {alloy.source['baseModel']}@{alloy.source['revision']} ({kind})")
+                     f"fetch {alloy.source['baseModel']}@{alloy.source['revision']}{at} ({kind})", runtime=sruntime)
         for quant in quants:
             cfg = compose(alloy.tier, quant, [o for o in overrides if not o.startswith("quant=")])
             q = cfg["quant"]
@@ -217,8 +243,17 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                          f"{{\"file\": \"calibration/forge-calibration-v1.txt\", \"sha256\": \"...\"}}",
                 )
             vid = variant_id(alloy, quant, overrides)
+            if cfg["source"]["require_commit"] and kind == "hub" and not is_commit(alloy.source["revision"]):
+                raise ForgeError("source.require_commit is set and this alloy names a branch or tag, not a commit",
+                                 where=f"{where} $.source.revision", found=alloy.source["revision"],
+                                 allowed="a 40-hex commit sha", hint=f"the lock's commit for it: "
+                                 f"{sparams.get('commit', 'none recorded')}")
             outtype = pick(alloy.convert_type, cfg["convert"]["outtype"], "convert.outtype")
             model_name = alloy.source["baseModel"].split("/")[-1]
+            # Weights and config checked before anything is quantized; quantize waits for it, but its
+            # key does not hold the check's (a better check must not re-quantize 55 GB).
+            validate = add("validate", src_label, "validate", {"max_abs": cfg["weights"]["max_abs"]},
+                           [("source", source)], toolchain, f"check {model_name}'s config and weights before quantizing")
             convert = add("convert", src_label, "convert", {"outtype": outtype, "model_name": model_name},
                           [("source", source)], toolchain, f"convert {model_name} text model to {outtype.upper()} GGUF")
             qstage = alloy.stage("quant")
@@ -237,9 +272,14 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                                                     "quant.token_embedding_type"),
                        "tensor_types": list(pick(qstage.get("tensorTypes"), q["tensor_types"], "quant.tensor_types")),
                        "imatrix": imatrix.key if imatrix else None}
+            mmproj = None
+            if alloy.vision:
+                mmproj = add("mmproj", src_label, "mmproj", {"outtype": "f16", "model_name": model_name},
+                             [("source", source)], toolchain, f"convert {model_name} vision projector to F16 GGUF")
             quantize = add("quantize", vid, "quantize", qparams,
                            [("model", convert)] + ([("imatrix", imatrix)] if imatrix else []), toolchain,
-                           f"quantize {alloy.name} to {q['label']}" + (" with an importance matrix" if imatrix else ""))
+                           f"quantize {alloy.name} to {q['label']}" + (" with an importance matrix" if imatrix else ""),
+                           after=[validate] + ([mmproj] if mmproj else []))
             g = cfg["gate"]
             heldout = {"file": g["heldout"], "sha256": g["heldout_sha256"], "ctx": g["ctx"], "chunks": g["chunks"]}
             kld_base = add("kld-base", src_label, "kld-base", heldout, [("model", convert)], toolchain,
@@ -249,12 +289,17 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                        f"quality gate of {vid}: KL divergence against the {outtype.upper()} reference")
             v = Variant(id=vid, alloy=alloy, quant=quant, llama_type=q["llama_type"], label=q["label"],
                         overrides=list(overrides), config=cfg)
-            v.steps.update(source=source, convert=convert, quantize=quantize, gate=gate)
+            v.steps.update(source=source, validate=validate, convert=convert, quantize=quantize, gate=gate)
             if imatrix:
                 v.steps["imatrix"] = imatrix
-            if alloy.vision:
-                mmproj = add("mmproj", src_label, "mmproj", {"outtype": "f16", "model_name": model_name},
-                             [("source", source)], toolchain, f"convert {model_name} vision projector to F16 GGUF")
+            if cfg["convert"]["mtp"] == "draft":
+                # The checkpoint's MTP head as its own speculative-draft GGUF (converter --mtp), at the
+                # conversion type; the text GGUF never carries it (stages/convert.py).
+                v.steps["draft"] = add("mtp-draft", src_label, "mtp-draft", {"outtype": outtype, "model_name": model_name},
+                                       [("source", source)], toolchain,
+                                       f"convert {model_name}'s multi-token-prediction head to a {outtype.upper()} draft GGUF",
+                                       after=[validate])
+            if mmproj:
                 ptype = pick(alloy.projector_type, q["projector"], "quant.projector")
                 if ptype == "f16":
                     v.steps["projector"] = mmproj
@@ -265,7 +310,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             # The envelope depends on the variant's files and on the tier, backend and sensory
             # configuration only: a sensory figure changed reruns the envelopes, nothing else.
             eparams = {"config": {k: cfg[k] for k in ("tier", "backend", "sensory")}}
-            einputs = [("text", quantize)] + ([("mmproj", v.steps["projector"])] if "projector" in v.steps else [])
+            einputs = [("text", quantize)] + ([("mmproj", v.steps["projector"])] if "projector" in v.steps else []) + (
+                [("draft", v.steps["draft"])] if "draft" in v.steps else [])
             v.steps["envelope"] = add("envelope", vid, "envelope", eparams, einputs, toolchain,
                                       f"memory envelope of {vid} on tier {cfg['tier']['name']}")
             if "projector" in v.steps:
@@ -277,7 +323,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                                    "gpu": sm.get("gpu", "auto"), "backend": cfg["backend"]["name"],
                                    "max_tokens": sm["max_tokens"],
                                    "image_px": sm["image_px"], "vision_items": sm["vision_items"]},
-                           "min_vision_score": sm["min_vision_score"], "source_kind": kind}
+                           "min_vision_score": sm["min_vision_score"], "source_kind": kind,
+                           **({} if sm["gate_alone"] else {"gate_alone": False})}
                 v.steps["smoke"] = add("smoke", vid, "smoke", smoke_params,
                                        [("text", quantize), ("mmproj", v.steps["projector"]), ("source", source)],
                                        toolchain, f"smoke test of {vid}: text, vision, {t['n_seq_max']} personas")
@@ -286,9 +333,11 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             # gets no receipt, so no lock entry, links, registry entry or upload).
             rparams = {"variant": vid, "alloyHash": alloy.alloy_hash, "overrides": list(overrides),
                        "tier": cfg["tier"]["name"], "backend": cfg["backend"]["name"], "quant": q["label"],
-                       "text": v.text_filename, "mmproj": v.mmproj_filename}
+                       "text": v.text_filename, "mmproj": v.mmproj_filename,
+                       **({"draft": v.draft_filename} if "draft" in v.steps else {})}
             rinputs = [("text", quantize), ("gate", gate), ("envelope", v.steps["envelope"])] + (
-                [("mmproj", v.steps["projector"]), ("smoke", v.steps["smoke"])] if "projector" in v.steps else [])
+                [("mmproj", v.steps["projector"]), ("smoke", v.steps["smoke"])] if "projector" in v.steps else []) + (
+                [("draft", v.steps["draft"])] if "draft" in v.steps else [])
             v.steps["receipt"] = add("receipt", vid, "receipt", rparams, rinputs + [("source", source)], toolchain,
                                      f"write {vid}'s receipt and link its files")
             variants.append(v)

@@ -137,7 +137,7 @@ def card(items: list[Checked], repo: str) -> str:
         pipeline_tag="image-text-to-text", license=alloy.source.get("license", "other"), library_name="gguf",
         tags=["continuum-ai", "forged", "forge-alloy", "gguf", "vision", "qwen3.5", tier, *labels],
     )
-    text = next(f for f in lock_entry["outputs"] if not f["filename"].startswith("mmproj-"))
+    text = next(f for f in lock_entry["outputs"] if f["filename"] == variant.text_filename)
     mmproj = next((f for f in lock_entry["outputs"] if f["filename"].startswith("mmproj-")), None)
     lines = [f"---\n{data.to_yaml()}\n---", "",
              f"# {alloy.name} ({', '.join(labels)}, {tier} tier)", "",
@@ -162,11 +162,18 @@ def card(items: list[Checked], repo: str) -> str:
             if f["filename"].startswith("mmproj-"):
                 projectors.setdefault(f["filename"], (f, []))[1].append(c.variant.label)
                 continue
+            if f["filename"] == c.variant.draft_filename:
+                projectors.setdefault(f["filename"], (f, []))[1].append(c.variant.label)
+                continue
             lines.append(f"| `{f['filename']}` | text model, {c.variant.label} | {_mib(f['size'])} | `{f['sha256']}` | "
                          f"{kld} | {total} | {c.lock_entry['verification']['summary']} |")
     for name, (f, users) in projectors.items():
-        lines.append(f"| `{name}` | vision projector (mmproj), for {', '.join(users)} | {_mib(f['size'])} | "
+        role = "vision projector (mmproj)" if name.startswith("mmproj-") else "multi-token-prediction draft (MTP head)"
+        lines.append(f"| `{name}` | {role}, for {', '.join(users)} | {_mib(f['size'])} | "
                      f"`{f['sha256']}` | - | - | - |")
+    mtp = "kept as its own draft file (above), for speculative decoding" if variant.draft_filename else (
+        "left out of the text model (conf convert.mtp=drop)")
+    lines += ["", f"Multi-token-prediction head of the checkpoint, if it has one: {mtp}."]
     for c in items:
         lines += _variant_sections(c, multi)
     rt = first.envelope["runtime"]
@@ -229,6 +236,8 @@ def check(plan, variant, lock: dict) -> Checked:
         if variant.mmproj_filename:
             maker = variant.steps["projector"]
             c.sources[variant.mmproj_filename] = Entry(maker.kind, maker.key).output()
+        if variant.draft_filename:
+            c.sources[variant.draft_filename] = Entry("mtp-draft", variant.steps["draft"].key).output()
     except (OSError, ValueError, IndexError, KeyError):
         c.refused.append("its GGUFs are missing from build/store (moved aside by check-cache?): run `doit` to rebuild them")
         return c

@@ -160,6 +160,9 @@ class Writer:
         self.params = params
         self.inputs = inputs
         self.extra: dict = {}
+        # filename -> sha256 a stage already verified while writing (a 55 GB download is hashed as it
+        # streams in, not read a second time here).
+        self.known: dict = {}
         self.tmp: Path | None = None
 
     def __enter__(self) -> "Writer":
@@ -185,7 +188,7 @@ class Writer:
         for p in sorted(self.tmp.iterdir()):
             if p.name == MANIFEST or not p.is_file() or p.name.endswith(".log"):
                 continue
-            digest = sha256_file(p)
+            digest = self.known.get(p.name) or sha256_file(p)
             files.append({"filename": p.name, "sha256": digest, "size": p.stat().st_size})
         manifest = {"kind": self.entry.kind, "key": self.entry.key, "params": self.params,
                     "inputs": self.inputs, "files": files, **self.extra}

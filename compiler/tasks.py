@@ -38,7 +38,8 @@ def toolchain_task(plan) -> dict:
 
 def step_task(plan, step) -> dict:
     out = Entry(step.kind, step.key)
-    deps = [str(Entry(plan.steps[t].kind, plan.steps[t].key).manifest_path) for _, t in step.inputs]
+    deps = [str(Entry(plan.steps[t].kind, plan.steps[t].key).manifest_path)
+            for t in [t for _, t in step.inputs] + list(step.after)]
     if step.kind in TOOL_KINDS:
         deps.append(str(build_manifest()))
     uptodate = [lambda task, values, out=out: out.is_complete()]

@@ -90,7 +90,7 @@ def verify_variant(vid: str, entry: dict, fresh: Path, log) -> dict:
     cli = {"alloy": entry["alloy"], **dict(o.split("=", 1) for o in entry["overrides"])}
     pins = {entry["source"]["baseModel"]: entry["source"]["resolvedRevision"]} \
         if entry["source"].get("resolvedRevision") else {}
-    plan = compile_graph(cli)
+    plan = compile_graph(cli, pins=pins)
     variant = next((v for v in plan.variants if v.id == vid), None)
     report = {"variant": vid, "overrides": entry["overrides"], "files": [], "passed": False}
     if variant is None:

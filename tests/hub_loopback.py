@@ -50,7 +50,18 @@ ROUTES = [  # (method, path pattern, handler, needs the token)
     # so a signature minted by the batch response guards this route instead of the token.
     ("PUT", r"/lfs-upload/(?P<oid>[0-9a-f]{64})", "_put", False),
     ("POST", r"/lfs-verify/(?P<oid>[0-9a-f]{64})", "_verify", True),
+    # Downloads: hf_hub_url's resolve endpoint, HEAD for metadata and GET with Range for the bytes.
+    ("HEAD", r"/(?P<repo_id>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "_resolve", False),
+    ("GET", r"/(?P<repo_id>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "_resolve", False),
 ]
+
+
+class Reply:
+    """A file download's reply: status, body, headers, and a fault to inject (drop the connection
+    after `drop_after` bytes of the body, as a network cut does)."""
+
+    def __init__(self, status: int, body: bytes, headers: dict, drop_after: int | None = None):
+        self.status, self.body, self.headers, self.drop_after = status, body, headers, drop_after
 
 
 class LoopbackHub:
@@ -62,6 +73,12 @@ class LoopbackHub:
         self.requests: list[tuple[str, str, dict]] = []  # (method, path with query, headers)
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> bytes, one store for all repos as on the Hub
         self.tree_page_size = 1000  # lower it to make list_repo_tree follow Link headers
+        # Downloads: body bytes sent per (repo, path); faults a test injects per (repo, path):
+        # {"drop_after": n} cuts the next reply after n bytes and then refuses that file until the
+        # test clears `down`; {"corrupt": True} serves the file with one byte changed.
+        self.served: dict[tuple, int] = {}
+        self.faults: dict[tuple, dict] = {}
+        self.down: set[tuple] = set()
         self.url = ""
         self._lock = threading.Lock()
         self._sign_key = secrets.token_bytes(16)
@@ -86,13 +103,31 @@ class LoopbackHub:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def seed(self, repo_id: str, files: dict, private: bool = False, gated: bool = False) -> str:
+        """Commit these files (path -> bytes) to the repo's main branch directly, creating the repo
+        if needed (a test's fixture, not an upload); returns the new commit's oid. Seeding an
+        existing repo moves main to a new commit, as a push upstream does."""
+        with self._lock:
+            repo = self.repos.setdefault(repo_id, {"files": {}, "lfs": set(), "commits": [], "private": private})
+            repo["gated"] = gated
+            repo["files"] = dict(files)
+            repo["lfs"] = {p for p, d in files.items() if is_lfs(p, len(d))}
+            oid = hashlib.sha1(f"{repo_id}@{len(repo['commits']) + 1}".encode()).hexdigest()
+            repo["commits"].append({"oid": oid, "summary": "seed", "files": sorted(files), "deleted": [],
+                                    "snapshot": (dict(repo["files"]), set(repo["lfs"]))})
+        return oid
+
+    def served_bytes(self, repo_id: str | None = None) -> int:
+        return sum(n for (r, _), n in self.served.items() if repo_id in (None, r))
+
     def committed_files(self, repo_id: str) -> dict[str, str]:
         return {p: hashlib.sha256(d).hexdigest() for p, d in self.repos[repo_id]["files"].items()}
 
     def _handle(self, h: BaseHTTPRequestHandler) -> None:
         self.requests.append((h.command, h.path, dict(h.headers)))
         split = urlsplit(h.path)
-        req = SimpleNamespace(query=parse_qs(split.query), path=split.path, headers={}, body=b"")
+        req = SimpleNamespace(query=parse_qs(split.query), path=split.path, headers={}, body=b"",
+                              range=h.headers.get("Range"))
         try:
             if h.headers.get("Transfer-Encoding"):  # http.server can't de-chunk; the client never chunks
                 h.close_connection = True
@@ -113,6 +148,8 @@ class LoopbackHub:
                 raise HubError(401, "You must be authenticated to access this resource")
             groups = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
             status, payload = 200, getattr(self, name)(req, **groups)
+            if isinstance(payload, Reply):
+                return self._send_file(h, payload, groups)
         except HubError as e:
             status, payload = e.status, {"error": e.message, **e.body}
             req.headers["X-Error-Message"] = e.message.encode("ascii", "backslashreplace").decode()
@@ -127,13 +164,46 @@ class LoopbackHub:
         if h.command != "HEAD":
             h.wfile.write(body)
 
+    def _send_file(self, h: BaseHTTPRequestHandler, reply: "Reply", groups: dict) -> None:
+        key = (groups["repo_id"], groups["path"])
+        if reply.drop_after == 0:  # the connection goes away before any reply
+            h.close_connection = True
+            return
+        h.send_response(reply.status)
+        for k, v in {**reply.headers, "Content-Length": str(len(reply.body))}.items():
+            h.send_header(k, v)
+        h.end_headers()
+        if h.command == "HEAD":
+            return
+        body = reply.body if reply.drop_after is None else reply.body[:reply.drop_after]
+        h.wfile.write(body)
+        h.wfile.flush()
+        with self._lock:
+            self.served[key] = self.served.get(key, 0) + len(body)
+        if reply.drop_after is not None:  # cut mid-body: the client sees a short read
+            h.close_connection = True
+
     def _repo(self, repo_id: str, authed: bool, rev: str | None = None) -> dict:
         repo = self.repos.get(repo_id)
-        if repo is None or (repo["private"] and not authed):
+        if repo is None:
             raise HubError(404, "Repository not found", "RepoNotFound")
-        if rev not in (None, "main"):
+        if (repo["private"] or repo.get("gated")) and not authed:
+            # As the real Hub: an anonymous request for a private or gated repo gets a 401.
+            raise HubError(401, "Repository not found", "RepoNotFound")
+        if rev not in (None, "main") and self._snapshot(repo, rev) is None:
             raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         return repo
+
+    def _snapshot(self, repo: dict, rev: str | None):
+        """(files, lfs paths, commit oid) at a branch (main) or a commit oid; None if unknown."""
+        if rev in (None, "main"):
+            oid = repo["commits"][-1]["oid"] if repo["commits"] else None
+            return repo["files"], repo["lfs"], oid
+        for c in repo["commits"]:
+            if c["oid"] == rev:
+                files, lfs = c.get("snapshot", (repo["files"], repo["lfs"]))
+                return files, lfs, rev
+        return None
 
     def _head(self, repo_id: str) -> str:
         commits = self.repos[repo_id]["commits"]
@@ -159,8 +229,48 @@ class LoopbackHub:
 
     def _info(self, req, repo_id, rev=None):
         repo = self._repo(repo_id, req.authed, rev)
-        return {"id": repo_id, "modelId": repo_id, "sha": self._head(repo_id), "private": repo["private"],
-                "siblings": [{"rfilename": p} for p in sorted(repo["files"])]}
+        files, lfs, oid = self._snapshot(repo, rev)
+        blobs = req.query.get("blobs", ["false"])[0].lower() in ("1", "true")
+        siblings = []
+        for p in sorted(files):
+            sib = {"rfilename": p}
+            if blobs:  # files_metadata=True: sizes and hashes, as model_info documents
+                entry = self._file_entry({"files": files, "lfs": lfs}, p)
+                sib.update(size=entry["size"], blobId=entry["oid"])
+                if "lfs" in entry:
+                    sib["lfs"] = {"size": entry["lfs"]["size"], "sha256": entry["lfs"]["oid"],
+                                  "pointerSize": entry["lfs"]["pointerSize"]}
+            siblings.append(sib)
+        return {"id": repo_id, "modelId": repo_id, "sha": oid or self._head(repo_id), "private": repo["private"],
+                "siblings": siblings}
+
+    def _resolve(self, req, repo_id, rev, path):
+        repo = self._repo(repo_id, req.authed, rev)
+        files, lfs, oid = self._snapshot(repo, rev)
+        if path not in files:
+            raise HubError(404, f"{path} does not exist on {rev}", "EntryNotFound")
+        data, key = files[path], (repo_id, path)
+        etag = hashlib.sha256(data).hexdigest() if path in lfs else git_blob_sha1(data)
+        headers = {"X-Repo-Commit": oid, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream",
+                   "Accept-Ranges": "bytes"}
+        if path in lfs:  # the Hub names an LFS file's content hash and size in these
+            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
+        fault = self.faults.get(key, {})
+        if fault.get("corrupt"):
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        start = 0
+        if (rng := req.range) and (m := re.fullmatch(r"bytes=(\d+)-", rng)):
+            start = int(m.group(1))
+        body = data[start:]
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        drop = None
+        if key in self.down:
+            drop = 0
+        elif "drop_after" in fault:
+            drop = fault.pop("drop_after")
+            self.down.add(key)  # the network stays down for this file until the test brings it back
+        return Reply(206 if start else 200, body, headers, drop)
 
     def _tree(self, req, repo_id, rev, path=""):
         repo = self._repo(repo_id, req.authed, rev)
@@ -280,7 +390,7 @@ class LoopbackHub:
             oid = hashlib.sha1(f"{repo_id}@{len(repo['commits']) + 1}".encode()).hexdigest()
             repo["files"], repo["lfs"] = files, lfs & set(files)
             repo["commits"].append({"oid": oid, "summary": header.get("summary"), "files": added,
-                                    "deleted": deleted})
+                                    "deleted": deleted, "snapshot": (dict(files), set(repo["lfs"]))})
         return {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
 
 

@@ -140,7 +140,9 @@ def test_unreachable_source_fails_its_alloy_and_the_others_still_build(demo_work
     try:
         run = ws.doit()
         assert run.proc.returncode != 0
-        assert "Qwen/Qwen3.5-4B@main cannot be reached" in run.out
+        # Offline, with no commit for it in the lock: the reason, and the alloy named.
+        assert "Qwen/Qwen3.5-4B@main cannot be resolved to a commit: HF_HUB_OFFLINE is set, and the lock " \
+               "records no commit for it" in run.out
         assert "offline-4b" in run.out
         # The demo variants were checked and are still there, untouched.
         assert "quantize:demo" in run.skipped

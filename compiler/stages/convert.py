@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .. import ggufcheck
+from .. import ggufcheck, preservation
 from ..errors import ForgeError
 from ..runlog import python
 from ..toolchain import VENDOR_DIR, converter
@@ -22,6 +22,11 @@ def run(step, out, inputs, log, ctx):
     src = checkpoint_dir(inputs["source"])
     config = json.loads((src / "config.json").read_text())
     outtype = step.params["outtype"]
+    text_config = config.get("text_config", config)
+    if step.kind == "mtp-draft" and not text_config.get("mtp_num_hidden_layers"):
+        raise ForgeError("convert.mtp=draft, but the checkpoint has no multi-token-prediction head",
+                         where=str(src / "config.json"), found="no text_config.mtp_num_hidden_layers",
+                         hint="build it with convert.mtp=drop")
     if step.kind == "mmproj" and "vision_config" not in config:
         raise ForgeError("the checkpoint has no vision_config: nothing to build a projector from",
                          where=str(src / "config.json"), hint="drop the alloy's modality stage (text only)")
@@ -45,15 +50,26 @@ def _convert(step, out, log, script, src, config, outtype):
         name = f"mmproj-{outtype.upper()}.gguf"
         cmd += ["--mmproj"]
         what = f"convert the vision projector to {outtype.upper()}"
+    elif step.kind == "mtp-draft":
+        name = f"mtp-{outtype.upper()}.gguf"
+        cmd += ["--mtp"]  # the head alone, as a speculative-draft GGUF (FACTS.md)
+        what = f"convert the multi-token-prediction head to a {outtype.upper()} draft"
     else:
         name = f"model-{outtype.upper()}.gguf"
         what = f"convert the text model to {outtype.upper()}"
-        # Qwen3.5 checkpoints may carry a multi-token-prediction head; without one in the config the
-        # converter must be told so (FACTS.md, "Converting a Qwen3.5 checkpoint").
-        if "mtp_num_hidden_layers" not in config.get("text_config", config):
-            cmd += ["--no-mtp"]
+        # The text GGUF never carries the MTP head, whatever conf's convert.mtp says: the pinned
+        # converter would keep it in by default when the config has one (FACTS.md), and llama.cpp
+        # users report crashes with vision plus MTP drafting. convert.mtp=draft adds the head as a
+        # file of its own (the mtp-draft step); without a head in the config the flag changes nothing.
+        cmd += ["--no-mtp"]
     cmd += ["--outfile", out.path(name)]
     # The converter prefers the gguf-py beside it: the same pinned source as everything else.
     log.run(cmd, what, env={"PYTHONUNBUFFERED": "1"}, cwd=VENDOR_DIR)
     summary = ggufcheck.check(out.path(name), what=f"converted {step.kind} GGUF")
     log(f"{name}: {summary['tensors']} tensors, {summary['size'] / 2**20:.1f} MiB")
+    if step.kind == "mmproj":
+        # Every tower and merger tensor of the checkpoint must be in the projector, with its shape,
+        # before any variant is quantized (the quantize steps wait for this one).
+        tower = preservation.tower(src)
+        preservation.check(tower, preservation.projector(out.path(name)), where=f"{step.task}: {name}")
+        log(f"projector carries the checkpoint's {tower['tensors']} tower tensors")

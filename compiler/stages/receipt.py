@@ -11,6 +11,8 @@ import json
 
 from .. import __version__
 from ..alloy import canonical_json, validate
+from ..errors import ForgeError
+from ..ggufcheck import read_layout
 from ..toolchain import ARCHIVE_SHA256, LLAMA_CPP_COMMIT, build_manifest
 
 
@@ -24,7 +26,8 @@ def model_hash(file_hashes: list[dict]) -> str:
 
 def file_hashes(variant, inputs) -> list[dict]:
     out = []
-    for role, name in (("text", variant.text_filename), ("mmproj", variant.mmproj_filename)):
+    for role, name in (("text", variant.text_filename), ("mmproj", variant.mmproj_filename),
+                       ("draft", variant.draft_filename)):
         if role in inputs:
             f = inputs[role].manifest()["files"][0]
             out.append({"filename": name, "sha256": f["sha256"], "size": f["size"]})
@@ -119,6 +122,14 @@ def run(step, out, inputs, log, ctx):
             "keys": {role: s.key for role, s in variant.steps.items() if role not in ("receipt", "envelope")},
         },
     }
+    # The template the checkpoint's tokenizer carries, as the converter wrote it into the text GGUF:
+    # the registry ships this one (named by its hash), never a stand-in.
+    template = read_layout(inputs["text"].output())["meta"].get("tokenizer.chat_template")
+    if not template:
+        raise ForgeError("the text GGUF carries no tokenizer.chat_template", where=str(inputs["text"].output()),
+                         hint="the checkpoint needs its chat template (tokenizer_config.json or chat_template.jinja); "
+                              "the product prompts each model with the template it was trained with")
+    out.path("chat_template.jinja").write_text(template)
     path = out.path(f"{variant.alloy.name}.alloy.json")
     # A receipt the product's pipeline would refuse is not written.
     validate(executed, "alloy.schema.json", f"{step.task}: executed alloy")

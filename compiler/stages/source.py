@@ -2,8 +2,6 @@
 revision with allow patterns, or read from a local folder (hashed in place, not copied)."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from ..errors import ForgeError, SourceUnreachable
@@ -22,51 +20,44 @@ def run(step, out, inputs, log, ctx):
     elif kind == "hub":
         _download(step, out, log, ctx)
     elif kind == "local":
-        path = Path(step.params["path"])
+        # The folder as planned: resolved against the alloy's own folder, wherever doit runs from.
+        path = Path(step.runtime["path"])
         if not path.is_dir():
             raise ForgeError("local source folder not found", where=f"{ctx['alloys']} $.source.localPath",
                              found=str(path))
         out.extra["path"] = str(path)
         out.extra["localFiles"] = step.params["files"]
+        # Nothing may change between planning (which hashed the files) and now unnoticed.
+        now = local_identity(Path(step.runtime["alloy"]), step.runtime["localPath"])["files"]
+        if now != step.params["files"]:
+            changed = sorted(k for k in set(now) | set(step.params["files"]) if now.get(k) != step.params["files"].get(k))
+            raise ForgeError("the local checkpoint changed while the forge was running", where=str(path),
+                             found=changed[:10], hint="rerun doit")
         log(f"using local checkpoint {path} in place")
     else:
         raise ForgeError(f"unknown source kind {kind}", where=step.task)
 
 
 def _download(step, out, log, ctx):
-    """snapshot_download at the alloy's revision; the resolved commit goes into the manifest."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    """The planned commit's files, through the Hugging Face cache, linked into the store entry."""
+    from .. import hub
+    from ..store import stat_cache
 
     p = step.params
-    # `doit verify` pins each repo to the commit the lock recorded, so a moved branch cannot
-    # change what is rebuilt.
-    pinned = json.loads(os.environ.get("FORGE_PINNED_REVISIONS") or "{}").get(p["repo"])
-    label = f"{p['repo']}@{pinned or p['revision']}"
+    if "unresolved" in p:  # planning could not name a commit (reason recorded then): nothing to fetch
+        raise SourceUnreachable(p["unresolved"], where=f"alloy {ctx['alloys']}")
     try:
-        info = HfApi().model_info(p["repo"], revision=pinned or p["revision"])
-        log(f"downloading {label} (commit {info.sha})")
-        snapshot_download(repo_id=p["repo"], revision=info.sha, allow_patterns=p["allowPatterns"],
-                          local_dir=str(out.tmp))
-    except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise SourceUnreachable(f"source {label} cannot be reached: private, gated or missing repo ({type(e).__name__})",
-                                where=f"alloy {ctx['alloys']}") from None
-    except RevisionNotFoundError:
-        raise SourceUnreachable(f"source {label}: no such revision", where=f"alloy {ctx['alloys']}") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError, Exception) as e:
-        # huggingface_hub's HTTP stack raises its transport's own errors (connect, DNS, TLS,
-        # timeouts) for a missing network; any of them means the source is out of reach.
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}" if str(e) else type(e).__name__
-        raise SourceUnreachable(f"source {label} cannot be reached (no network?): {reason}",
-                                where=f"alloy {ctx['alloys']}") from None
-    # huggingface_hub keeps its own bookkeeping under .cache/ in local_dir: not part of the model.
-    cache = out.tmp / ".cache"
-    if cache.exists():
-        import shutil
-
-        shutil.rmtree(cache)
-    out.extra["resolvedRevision"] = info.sha
+        digests = hub.fetch(p["repo"], p["commit"], step.runtime["revision"], p["allowPatterns"], out.tmp, log,
+                            stat_cache().sha256, ctx["alloys"])
+    except SourceUnreachable:
+        raise
+    except Exception as e:
+        explained = hub.explain(e, p["repo"], p["commit"], ctx["alloys"])
+        if explained is None:
+            raise
+        raise explained from None
+    out.known.update(digests)
+    out.extra["resolvedRevision"] = p["commit"]
 
 
 def checkpoint_dir(entry) -> Path:

@@ -1,0 +1,234 @@
+"""Real sources end to end: a Hub on loopback speaking the real protocol (model_info with file
+metadata, resolve with HEAD and Range) to the real huggingface_hub client inside `doit`, serving a
+tiny Qwen3.5 checkpoint sharded as the official repos are, with its own chat template; and local
+checkpoints named relative to their alloy. What a person would notice: the commit a branch named is
+recorded and rebuilt when it moves, a cut download resumes, verify downloads nothing, each failure
+says what and for which alloy, bad weights are refused before anything is quantized."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DEMO_ALLOY, Workspace, assert_ok
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_loopback import LoopbackHub  # noqa: E402
+
+REPO = "Qwen/Qwen3.5-Tiny"
+# The allow patterns the real alloys carry (alloys/qwen3.5-4b-m4-vision.alloy.json).
+PATTERNS = json.loads((DEMO_ALLOY.parent / "qwen3.5-4b-m4-vision.alloy.json").read_text())["source"]["allowPatterns"]
+# A template of the checkpoint's own, unlike the generator's default: the registry must ship this one.
+OWN_TEMPLATE = ("{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+                "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+                "{%- for part in message['content'] -%}{%- if part['type'] == 'image' -%}"
+                "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}{%- elif part['type'] == 'text' -%}"
+                "{{- part['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}{{- '<|im_end|>\\n' -}}"
+                "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+TOKEN = "hf_loopback_reader"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint in the real repos' form: shards plus index, its own template, a LICENSE."""
+    from compiler.synthetic import generate, load_shape
+
+    folder = tmp_path_factory.mktemp("checkpoint") / "Qwen3.5-Tiny"
+    generate(folder, load_shape("tiny"), 11, shard_size="40MB", chat_template=OWN_TEMPLATE)
+    (folder / "LICENSE").write_text("Apache License 2.0 (test fixture)\n")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 2
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def files_of(folder: Path) -> dict:
+    out = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    out["README.md"] = b"---\nlicense: apache-2.0\n---\n# a file the alloy does not ask for\n"
+    return out
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with LoopbackHub(token=TOKEN) as server:
+        yield server
+
+
+def write_alloy(ws: Workspace, name: str, source: dict) -> Path:
+    data = json.loads(DEMO_ALLOY.read_text())
+    data["name"] = name
+    data["source"] = {"architecture": "qwen3_5", "license": "apache-2.0", **source}
+    for s in data["stages"]:
+        if s["type"] == "modality":
+            s["encoderModel"] = source["baseModel"]
+    path = ws.alloys / f"{name}.alloy.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def workspace(root: Path) -> Workspace:
+    ws = Workspace(root)
+    # These checkpoints have random weights: the vision suite runs for its mechanics, ungated (a
+    # conf figure, not a command-line override, so the variants stay declared ones).
+    cfg = ws.conf / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("min_vision_score: 0.6", "min_vision_score: 0.0")
+                   .replace("gate_alone: true", "gate_alone: false"))
+    return ws
+
+
+def hub_env(hub, home: Path, **extra) -> dict:
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
+
+
+def biggest_shard(folder: Path) -> str:
+    return max(folder.glob("model-*-of-*.safetensors"), key=lambda p: p.stat().st_size).name
+
+
+def test_hub_branch_pinned_resumed_verified_and_moved(tmp_path, hub, checkpoint):
+    ws = workspace(tmp_path / "ws")
+    home = tmp_path / "hf"
+    first = hub.seed(REPO, files_of(checkpoint))
+    write_alloy(ws, "tiny-hub", {"baseModel": REPO, "revision": "main", "allowPatterns": PATTERNS})
+    env = hub_env(hub, home)
+
+    # 1. The network goes away half-way through the biggest shard: the alloy fails, saying so.
+    shard = biggest_shard(checkpoint)
+    size = (checkpoint / shard).stat().st_size
+    hub.faults[(REPO, shard)] = {"drop_after": size // 2}
+    cut = ws.doit("alloy=tiny-hub", **env)
+    assert cut.proc.returncode != 0
+    assert f"source {REPO}@{first}: the Hub cannot be reached" in cut.out and "alloy tiny-hub" in cut.out
+    partials = list(home.rglob("*.forge-partial"))
+    assert len(partials) == 1 and 0 < partials[0].stat().st_size < size
+    kept = partials[0].stat().st_size
+
+    # 2. Back on line: the next doit resumes, transferring only the rest, and builds the variant.
+    hub.down.clear()
+    before = hub.served.get((REPO, shard), 0)
+    run = ws.doit("alloy=tiny-hub", **env)
+    assert_ok(run)
+    assert hub.served[(REPO, shard)] - before == size - kept
+    assert f"{shard}: resuming at" in run.out
+    entry = ws.lock()["variants"]["tiny-hub"]
+    assert entry["source"]["resolvedRevision"] == first and entry["source"]["revision"] == "main"
+    locked = {f["filename"]: f["sha256"] for f in entry["source"]["files"]}
+    import hashlib
+
+    assert locked[shard] == hashlib.sha256((checkpoint / shard).read_bytes()).hexdigest()
+    assert "README.md" not in locked and "model.safetensors.index.json" in locked
+    # The files are the Hugging Face cache's (hard links into the store), where the library finds them.
+    from huggingface_hub import constants  # noqa: F401
+
+    snapshot = home / "hub" / "models--Qwen--Qwen3.5-Tiny" / "snapshots" / first
+    assert (snapshot / shard).resolve().read_bytes() == (checkpoint / shard).read_bytes()
+    assert (home / "hub" / "models--Qwen--Qwen3.5-Tiny" / "refs" / "main").read_text() == first
+    # The registry ships the checkpoint's own template, named by its hash.
+    registry = json.loads(ws.registry.read_text())
+    model = registry["models"]["continuum-ai/tiny-hub"]
+    assert registry["chat_templates"][model["chat_template"]] == OWN_TEMPLATE
+    assert model["chat_template"] == entry["chatTemplate"]["name"]
+
+    # 3. The branch moves upstream (a new chat template). verify still rebuilds the locked commit,
+    #    byte for byte, downloading nothing: the cache holds it.
+    moved = files_of(checkpoint)
+    moved["chat_template.jinja"] = OWN_TEMPLATE.replace("assistant", "assistant (moved)").encode()
+    second = hub.seed(REPO, moved)
+    served = hub.served_bytes(REPO)
+    check = ws.doit("verify", "alloy=tiny-hub", **env)
+    assert_ok(check)
+    assert "verify: 1 of 1 variants byte-identical to the lock" in check.out
+    assert hub.served_bytes(REPO) == served  # not one byte downloaded
+
+    # 4. doit sees the new commit, says so, and rebuilds from it; the lock records it.
+    again = ws.doit("alloy=tiny-hub", **env)
+    assert_ok(again)
+    assert f"moved from the locked commit {first[:12]} to {second[:12]}" in again.out
+    assert any(t.startswith("source:") for t in again.executed)
+    entry2 = ws.lock()["variants"]["tiny-hub"]
+    assert entry2["source"]["resolvedRevision"] == second
+    assert entry2["outputs"] != entry["outputs"]  # the template is in the GGUF: new bytes
+    # Only the changed file came over the wire.
+    assert hub.served_bytes(REPO) - served == len(moved["chat_template.jinja"])
+
+    # 5. Offline now: the lock's commit stands in for the branch, and nothing is rebuilt.
+    offline = ws.doit("alloy=tiny-hub", **hub_env(hub, home, HF_HUB_OFFLINE="1"))
+    assert_ok(offline)
+    assert f"using the locked commit {second[:12]}" in offline.out
+    assert not any(t.startswith(("source:", "convert:", "quantize:")) for t in offline.executed)
+
+    # 6. CI on main can refuse anything but a commit sha in an alloy.
+    strict = ws.doit("alloy=tiny-hub", "source.require_commit=true", **env)
+    assert strict.proc.returncode == 2
+    assert "source.require_commit is set" in strict.out and "$.source.revision" in strict.out and second in strict.out
+
+
+def _flip_to_nan(folder: Path, tensor: str) -> None:
+    """Set one element of a bf16 tensor to NaN in place (the shard holding it, per the index)."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"][tensor]
+    with open(shard, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        start = header[tensor]["data_offsets"][0]
+        f.seek(8 + n + start + 2 * 5)
+        f.write(struct.pack("<H", 0x7FC0))
+
+
+def _drop_tensor(folder: Path, tensor: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = folder / index["weight_map"].pop(tensor)
+    tensors = load_file(str(shard))
+    del tensors[tensor]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+def test_failures_each_named_and_the_others_build(tmp_path, hub, checkpoint):
+    """401, 404, a checksum mismatch, a NaN weight and a missing vision tensor: each its own message
+    naming the alloy (and the tensor), nothing of theirs quantized or receipted -- while a local
+    checkpoint named relative to its alloy builds, with doit run from another folder."""
+    ws = workspace(tmp_path / "ws")
+    env = hub_env(hub, tmp_path / "hf")
+    hub.seed("acme/private-tiny", {"config.json": b"{}"}, private=True)
+    hub.seed("acme/corrupt-tiny", files_of(checkpoint))
+    hub.faults[("acme/corrupt-tiny", "config.json")] = {"corrupt": True}
+    write_alloy(ws, "needs-login", {"baseModel": "acme/private-tiny", "revision": "main", "allowPatterns": PATTERNS})
+    write_alloy(ws, "no-such-repo", {"baseModel": "acme/missing", "revision": "main", "allowPatterns": PATTERNS})
+    write_alloy(ws, "bad-bytes", {"baseModel": "acme/corrupt-tiny", "revision": "main", "allowPatterns": PATTERNS})
+
+    # Local checkpoints beside the alloys folder, named relative to the alloy file.
+    for name in ("good", "nan", "holed"):
+        shutil.copytree(checkpoint, ws.root / "checkpoints" / name)
+    _flip_to_nan(ws.root / "checkpoints" / "nan", "model.language_model.layers.1.mlp.down_proj.weight")
+    _drop_tensor(ws.root / "checkpoints" / "holed", "model.visual.blocks.1.mlp.linear_fc1.weight")
+    for name in ("good", "nan", "holed"):
+        write_alloy(ws, f"local-{name}", {"baseModel": f"local/Qwen3.5-Tiny-{name}", "revision": "local",
+                                          "localPath": f"../checkpoints/{name}"})
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    import subprocess
+
+    from conftest import DOIT
+    proc = subprocess.run(DOIT, capture_output=True, text=True, env=ws.env(**env), cwd=elsewhere, timeout=1800)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    summary = dict(line.split(None, 1) for line in proc.stdout.split("Variants:\n", 1)[1].splitlines() if line.strip())
+    assert summary["local-good"].startswith("built"), out[-4000:]
+    assert "alloy needs-login" in out and "refused an anonymous request (401)" in out and "HF_TOKEN" in out
+    assert "alloy no-such-repo" in out and "no such repo on the Hub (404)" in out
+    assert "config.json: the downloaded bytes do not match the Hub's hash" in out and "alloy bad-bytes" in out
+    assert "alloy local-nan" in out and "model.language_model.layers.1.mlp.down_proj.weight holds nan" in out
+    assert "alloy local-holed" in out and "model.visual.blocks.1.mlp.linear_fc1.weight" in out
+    for bad in ("needs-login", "no-such-repo", "bad-bytes", "local-nan", "local-holed"):
+        assert summary[bad].startswith("failed"), (bad, summary[bad])
+        assert f"quantize:{bad}" not in set(l.split()[-1] for l in proc.stdout.splitlines() if l.startswith(".  "))
+        assert not (ws.build / "variants" / bad).exists()
+    lock = ws.lock()["variants"]
+    assert set(lock) == {"local-good"} and lock["local-good"]["source"]["kind"] == "local"
