@@ -234,8 +234,8 @@ class ForgeConfig:
     quant: Quant = MISSING
     backend: Backend = MISSING
     sensory: Sensory = MISSING
-    source: Source = MISSING
     convert: Convert = MISSING
+    source: Source = MISSING
     weights: Weights = MISSING
     imatrix: Imatrix = MISSING
     gate: Gate = MISSING

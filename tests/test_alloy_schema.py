@@ -114,6 +114,31 @@ class FakeEntry:
     def path(self, name: str) -> Path:
         return self.folder / name
 
+    def output(self) -> Path:
+        return self.file(self.names[0])
+
+
+TEMPLATE = "{%- for m in messages -%}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{%- endfor -%}"
+
+
+def tiny_gguf() -> bytes:
+    """A real (tiny) text GGUF carrying a chat template, as the receipt reads one."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.gguf"
+        w = gguf.GGUFWriter(str(path), "qwen35")
+        w.add_chat_template(TEMPLATE)
+        w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path.read_bytes()
+
 
 GATE_REPORT = {"heldout": "calibration/forge-heldout-v1.txt", "heldoutSha256": "1" * 64, "ctx": 128, "chunks": 3,
                "figures": {"mean_kld": 0.0024, "p99_kld": 0.0041, "ppl_ratio": 1.0004, "top1_agreement": 0.94},
@@ -152,7 +177,7 @@ def test_receipt_stage_writes_a_published_forge_alloy(demo_plan, tmp_path, monke
     tools.write_text(json.dumps({"tools": {"llama-quantize": {"sha256": "c" * 64}}}))
     monkeypatch.setattr(receipt, "build_manifest", lambda *a, **k: tools)
     variant = demo_plan.variants[0]
-    inputs = {"text": FakeEntry(tmp_path / "text", {"model.gguf": b"text model"}),
+    inputs = {"text": FakeEntry(tmp_path / "text", {"model.gguf": tiny_gguf()}),
               "mmproj": FakeEntry(tmp_path / "mmproj", {"mmproj.gguf": b"projector"}),
               "gate": FakeEntry(tmp_path / "gate", {"gate.json": json.dumps(GATE_REPORT).encode()}),
               "smoke": FakeEntry(tmp_path / "smoke", {"smoke.json": json.dumps(SMOKE_REPORT).encode()})}
@@ -169,6 +194,8 @@ def test_receipt_stage_writes_a_published_forge_alloy(demo_plan, tmp_path, monke
     assert integrity["alloyHash"] == variant.alloy.alloy_hash
     assert [f["filename"] for f in integrity["fileHashes"]] == [variant.text_filename, variant.mmproj_filename]
     assert doc["source"]["architecture"] == "qwen3_5"
+    # The template the text GGUF carries is kept beside the receipt, for the lock and the registry.
+    assert out.file("chat_template.jinja").read_text() == TEMPLATE
     bench = {b["name"]: b for b in doc["results"]["benchmarks"]}
     assert bench["personas"]["metrics"] == {"n_seq_max": 4, "isolated_passed": 4, "isolated_total": 4,
                                             "equal_alone_passed": 3, "equal_alone_total": 4, "passed": 1}
@@ -189,7 +216,7 @@ def test_receipt_stage_refuses_to_write_an_invalid_executed_alloy(demo_plan, tmp
     bad = copy.deepcopy(GATE_REPORT)
     bad["figures"]["mean_kld"] = [0.1, 0.2]  # a list is not a figure
     variant = demo_plan.variants[0]
-    inputs = {"text": FakeEntry(tmp_path / "text", {"model.gguf": b"text model"}),
+    inputs = {"text": FakeEntry(tmp_path / "text", {"model.gguf": tiny_gguf()}),
               "gate": FakeEntry(tmp_path / "gate", {"gate.json": json.dumps(bad).encode()})}
     out = FakeEntry(tmp_path / "out", {})
     with pytest.raises(ForgeError, match="mean_kld"):

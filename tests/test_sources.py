@@ -232,3 +232,29 @@ def test_failures_each_named_and_the_others_build(tmp_path, hub, checkpoint):
         assert not (ws.build / "variants" / bad).exists()
     lock = ws.lock()["variants"]
     assert set(lock) == {"local-good"} and lock["local-good"]["source"]["kind"] == "local"
+
+
+def test_disk_too_small_is_refused_before_downloading(tmp_path, hub, checkpoint):
+    """The bytes a commit still needs against the free space, checked before any download: the
+    message gives both, and nothing is transferred. (A full disk cannot be made here without root;
+    the free-space figure is the one thing replaced, in a child process of the real client.)"""
+    import subprocess
+
+    hub.seed("acme/big-tiny", files_of(checkpoint))
+    script = (
+        "import sys, pathlib\n"
+        "from compiler import hub\n"
+        "hub._free_bytes = lambda path: 1_000_000\n"
+        "commit = hub.resolve('acme/big-tiny', 'main')\n"
+        "try:\n"
+        "    hub.fetch('acme/big-tiny', commit, 'main', None, pathlib.Path(sys.argv[1]), print, None, 'big')\n"
+        "except hub.DiskFull as e:\n"
+        "    print(e); sys.exit(3)\n")
+    served = hub.served_bytes("acme/big-tiny")
+    env = dict(__import__("os").environ, **hub_env(hub, tmp_path / "hf"))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dest")], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    need = sum(len(v) for v in files_of(checkpoint).values()) / 1e9
+    assert f"{need:.2f} GB left to download, 0.00 GB free" in proc.stdout and "alloy big" in proc.stdout
+    assert hub.served_bytes("acme/big-tiny") == served

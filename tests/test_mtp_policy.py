@@ -1,0 +1,48 @@
+"""The MTP policy end to end (conf convert.mtp): a checkpoint with a multi-token-prediction head,
+as the official 4B and 9B have, forges to a text GGUF without the head by default, and with
+`convert.mtp=draft` also to the head alone as a draft GGUF that the variant links, the receipt
+hashes and the envelope counts."""
+from __future__ import annotations
+
+import json
+
+from conftest import assert_ok
+from test_sources import workspace, write_alloy
+
+from compiler.ggufcheck import read_layout
+
+
+def test_mtp_head_dropped_by_default_and_drafted_on_request(tmp_path):
+    from compiler.synthetic import generate, load_shape
+
+    shape = load_shape("tiny")
+    shape["text_config"]["mtp_num_hidden_layers"] = 1
+    generate(tmp_path / "checkpoints" / "mtp", shape, 5)
+    ws = workspace(tmp_path / "ws")
+    write_alloy(ws, "with-mtp", {"baseModel": "local/Qwen3.5-Tiny-MTP", "revision": "local",
+                                 "localPath": "../checkpoints/mtp"})
+
+    run = ws.doit("alloy=with-mtp", "convert.mtp=draft")
+    assert_ok(run)
+    folder = ws.variant("with-mtp@convert.mtp-draft")
+    text = read_layout(folder / "with-mtp-Q4_K_M.gguf")
+    draft = read_layout(folder / "with-mtp-MTP-BF16.gguf")
+    # The text model: 4 blocks, no nextn tensors, no MTP metadata -- as with the default policy.
+    assert not any(".nextn." in t["name"] or t["name"].startswith("blk.4.") for t in text["tensors"])
+    assert text["meta"]["qwen35.block_count"] == 4
+    # The draft: the head as block 4, with its nextn tensors.
+    assert any(t["name"] == "blk.4.nextn.eh_proj.weight" for t in draft["tensors"])
+    assert draft["meta"]["qwen35.nextn_predict_layers"] == 1
+    executed = json.loads((folder / "with-mtp.alloy.json").read_text())
+    hashed = {f["filename"] for f in executed["results"]["integrity"]["fileHashes"]}
+    assert hashed == {"with-mtp-Q4_K_M.gguf", "mmproj-with-mtp-F16.gguf", "with-mtp-MTP-BF16.gguf"}
+    envelope = json.loads(next((ws.build / "store" / "envelope").glob("*/envelope.json")).read_text())
+    term = next(t for t in envelope["terms"] if t["id"] == "mtp_draft")
+    assert term["bytes"] == (folder / "with-mtp-MTP-BF16.gguf").stat().st_size
+
+    # The default (drop): the same text GGUF, no draft file, and the conversion shared.
+    plain = ws.doit("alloy=with-mtp")
+    assert_ok(plain)
+    assert not any(t.startswith("convert:") for t in plain.executed)
+    assert (ws.variant("with-mtp") / "with-mtp-Q4_K_M.gguf").read_bytes() == (folder / "with-mtp-Q4_K_M.gguf").read_bytes()
+    assert not list(ws.variant("with-mtp").glob("*MTP*"))
