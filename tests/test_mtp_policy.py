@@ -17,8 +17,8 @@ def test_mtp_head_dropped_by_default_and_drafted_on_request(tmp_path):
 
     shape = load_shape("tiny")
     shape["text_config"]["mtp_num_hidden_layers"] = 1
-    generate(tmp_path / "checkpoints" / "mtp", shape, 5)
     ws = workspace(tmp_path / "ws")
+    generate(ws.root / "checkpoints" / "mtp", shape, 5)
     write_alloy(ws, "with-mtp", {"baseModel": "local/Qwen3.5-Tiny-MTP", "revision": "local",
                                  "localPath": "../checkpoints/mtp"})
 
