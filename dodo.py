@@ -9,6 +9,7 @@
     doit check-cache            hash every artifact in build/store against its manifest
     doit list --all --status    the graph and what is stale
 """
+import os
 import sys
 
 from doit import doit_cmd
@@ -40,6 +41,10 @@ DOIT_CONFIG = {
     # Each failure once with its reason and log, then a line per variant (no UnmetDependency cascade).
     "reporter": reporter_for(PLAN),
     "action_string_formatting": "new",
+    # Independent steps side by side, one per core (`doit -n 1` for one at a time), in threads of
+    # this process: each step waits for room in memory first (compiler/memory.py).
+    "num_process": os.cpu_count() or 1,
+    "par_type": "thread",
     # A plain `doit` builds; verify and check-cache run only when named.
     "default_tasks": build_task_names(PLAN),
 }

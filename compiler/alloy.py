@@ -104,6 +104,40 @@ def validate(instance, schema_name: str, where: str) -> None:
     )
 
 
+@lru_cache(maxsize=None)
+def _schema_digest(schema_name: str) -> str:
+    return hashlib.sha256((SCHEMA_DIR / schema_name).read_bytes()).hexdigest()
+
+
+def _validated_path() -> Path:
+    from .paths import state_dir
+
+    return state_dir() / "alloys-validated.json"
+
+
+@lru_cache(maxsize=1)
+def _validated() -> set:
+    try:
+        return set(json.loads(_validated_path().read_text()))
+    except (OSError, ValueError):
+        return set()
+
+
+def _remember_valid(key: str) -> None:
+    import os
+
+    seen = _validated()
+    seen.add(key)
+    path = _validated_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(sorted(seen)[-4096:]))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache: a read-only build dir only costs the next run a validation
+
+
 def check_name(name: str, where: str) -> None:
     if not isinstance(name, str) or "/" in name or "\\" in name or ".." in name or name.startswith("."):
         raise ForgeError(
@@ -129,7 +163,12 @@ def load(path: Path) -> Alloy:
         raise ForgeError("an alloy is a JSON object", where=f"{where} $", found=type(data).__name__)
     if "name" in data:
         check_name(data["name"], where)
-    validate(data, "alloy.schema.json", where)
+    # Schema validation is the costly part of loading (jsonschema, ~5 ms an alloy): bytes that
+    # passed it under the same schema are not validated again (a no-op run with 50 alloys).
+    valid_key = hashlib.sha256(raw + b"\0" + _schema_digest("alloy.schema.json").encode()).hexdigest()
+    if valid_key not in _validated():
+        validate(data, "alloy.schema.json", where)
+        _remember_valid(valid_key)
     expected = path.name[: -len(ALLOY_SUFFIX)] if path.name.endswith(ALLOY_SUFFIX) else None
     if expected != data["name"]:
         raise ForgeError(

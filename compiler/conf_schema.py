@@ -213,6 +213,8 @@ class Smoke:
     max_tokens: int = bounded(ge=1)
     image_px: int = bounded(ge=32, why="the smallest image the projector turns into a token (one merged patch)")
     vision_items: int = bounded(ge=1, why="the smoke stage fails a variant whose vision suite did not run")
+    vision_items_cpu: int = bounded(ge=1, why="the smoke stage fails a variant whose vision suite did not run")
+    persona_image_px: int = bounded(ge=32, why="the smallest image the projector turns into a token (one merged patch)")
     min_vision_score: float = bounded(ge=0, le=1, why="a pass rate")
     gate_alone: bool = MISSING
     gpu: GpuMode = GpuMode.auto  # plan.py reads it with .get("gpu", "auto")

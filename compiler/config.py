@@ -6,13 +6,11 @@ what is allowed.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from functools import lru_cache
+from pathlib import Path
 
-from omegaconf import OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
-
-from . import conf_schema
 from .errors import ForgeError
 from .paths import conf_dir
 
@@ -27,7 +25,9 @@ def choices(group: str) -> list[str]:
 
 @lru_cache(maxsize=None)
 def aliases() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(conf_dir() / "aliases.yaml"))
+    import yaml  # plain YAML, no interpolation: OmegaConf (and Hydra) load only when composing
+
+    return yaml.safe_load((conf_dir() / "aliases.yaml").read_text())
 
 
 def resolve_quant(name: str, where: str) -> str:
@@ -69,6 +69,8 @@ def parse_overrides(pairs: dict[str, str]) -> tuple[dict[str, str], list[str]]:
 def _hydra_compose(overrides: tuple[str, ...]) -> tuple[dict, dict]:
     """conf/ composed with these overrides, as plain data, and the file Hydra chose per group."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     from hydra.core.global_hydra import GlobalHydra
@@ -112,9 +114,69 @@ def value_origin(key: str, overrides: tuple[str, ...], chosen: dict) -> str:
 @lru_cache(maxsize=None)
 def _compose_cached(overrides: tuple[str, ...]) -> dict:
     """Composed and checked against compiler/conf_schema.py, once per distinct override set: a
-    value of the wrong type or outside its range is refused here, before anything is planned."""
+    value of the wrong type or outside its range is refused here, before anything is planned.
+
+    Across runs too: a composition that passed is kept in the build's state folder under a digest
+    of everything it depends on (every file under conf/, this module, the schema module, the alloy
+    schema the quant types come from, and the overrides), so a no-op run never starts Hydra. A
+    refusal is never kept: it is composed again, and refused again, each run."""
+    from .store import stat_cache
+
+    key = _composition_key(overrides, stat_cache())
+    kept = _kept_compositions()
+    if key in kept:
+        return kept[key]
+    from . import conf_schema
+
     data, chosen = _hydra_compose(overrides)
-    return conf_schema.validate(data, where=lambda key: value_origin(key, overrides, chosen))
+    checked = conf_schema.validate(data, where=lambda k: value_origin(k, overrides, chosen))
+    _keep_composition(key, checked)
+    return checked
+
+
+def _composition_key(overrides: tuple[str, ...], cache) -> str:
+    import hashlib
+
+    from .paths import SCHEMA_DIR
+
+    h = hashlib.sha256(json.dumps(list(overrides)).encode())
+    here = Path(__file__).resolve().parent
+    files = sorted(conf_dir().rglob("*.yaml")) + [here / "config.py", here / "conf_schema.py",
+                                                  SCHEMA_DIR / "alloy.schema.json"]
+    for f in files:
+        h.update(str(f).encode() + b"\0" + cache.sha256(f).encode())
+    return h.hexdigest()
+
+
+def _compositions_path() -> Path:
+    from .paths import state_dir
+
+    return state_dir() / "compositions.json"
+
+
+@lru_cache(maxsize=1)
+def _kept_compositions() -> dict:
+    try:
+        return json.loads(_compositions_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _keep_composition(key: str, checked: dict) -> None:
+    import os
+
+    kept = _kept_compositions()
+    kept[key] = checked
+    for old in list(kept)[:-256]:  # edits of conf/ leave old keys behind: keep the latest few hundred
+        del kept[old]
+    path = _compositions_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(kept, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache: a read-only build dir only costs the next run a composition
 
 
 def compose(tier: str, quant: str, overrides: list[str]) -> dict:

@@ -9,23 +9,31 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import memory
 from .errors import ForgeError
 from .paths import build_dir, state_dir, variants_dir
 from .runlog import StepLog
-from .stages import convert, envelope, gate, imatrix, quantize, receipt, smoke, source, validate
 from .store import Entry, Writer, require
 
+# Step kind -> the module in compiler/stages/ that runs it, imported when a step of it runs (a no-op
+# run imports none of them, nor numpy and torch behind them).
 STAGES = {
-    "synthetic": source, "hub": source, "local": source,
-    "validate": validate,
-    "convert": convert, "mmproj": convert, "mtp-draft": convert,
-    "quantize": quantize, "mmproj-quantize": quantize,
-    "imatrix": imatrix,
-    "kld-base": gate, "gate": gate,
-    "envelope": envelope,
-    "smoke": smoke,
-    "receipt": receipt,
+    "synthetic": "source", "hub": "source", "local": "source",
+    "validate": "validate",
+    "convert": "convert", "mmproj": "convert", "mtp-draft": "convert",
+    "quantize": "quantize", "mmproj-quantize": "quantize",
+    "imatrix": "imatrix",
+    "kld-base": "gate", "gate": "gate",
+    "envelope": "envelope",
+    "smoke": "smoke",
+    "receipt": "receipt",
 }
+
+
+def stage(kind: str):
+    import importlib
+
+    return importlib.import_module(f".stages.{STAGES[kind]}", __package__)
 
 
 def entry(step) -> Entry:
@@ -87,8 +95,12 @@ def _run_step_locked(plan, step, out: Entry) -> None:
             log = StepLog(w.path(f"{step.basename}.log"), task)
             started = time.monotonic()
             try:
-                STAGES[step.kind].run(step, w, inputs, log, ctx)
+                with memory.reserve(step, inputs):
+                    started = time.monotonic()
+                    stage(step.kind).run(step, w, inputs, log, ctx)
                 w.extra["seconds"] = round(time.monotonic() - started, 2)
+                if log.peak_rss_mib:
+                    w.extra["peak_rss_mib"] = log.peak_rss_mib
                 log(f"done in {w.extra['seconds']:.1f} s")
             except BaseException:
                 log.close()

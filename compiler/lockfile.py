@@ -138,13 +138,28 @@ def entry_for(plan, variant) -> dict:
     }
 
 
+_READ: dict = {}  # (path, size, mtime_ns, inode) -> validated lock, for this process
+
+
 def read(path: Path | None = None, check: bool = True) -> dict:
+    """The lock as data (a copy the caller may change). A validated read is kept for the process
+    while the file's size, mtime and inode stay: a run compares each of its variants with the lock,
+    and validating a 50-entry lock 50 times was most of a no-op run."""
+    import copy
+
     path = path or lock_path()
-    if not path.is_file():
+    try:
+        st = path.stat()
+    except FileNotFoundError:
         return {"lockVersion": 1, "variants": {}}
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if check and key in _READ:
+        return copy.deepcopy(_READ[key])
     data = json.loads(path.read_text())
     if check:
         validate(data, "lock.schema.json", str(path))
+        _READ.clear()
+        _READ[key] = copy.deepcopy(data)
     return data
 
 

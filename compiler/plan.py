@@ -322,7 +322,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                                    "n_batch": t["n_batch"], "kv_unified": bool(t["kv_unified"]),
                                    "gpu": sm.get("gpu", "auto"), "backend": cfg["backend"]["name"],
                                    "max_tokens": sm["max_tokens"],
-                                   "image_px": sm["image_px"], "vision_items": sm["vision_items"]},
+                                   "image_px": sm["image_px"], "vision_items": sm["vision_items"],
+                                   "vision_items_cpu": sm["vision_items_cpu"], "persona_image_px": sm["persona_image_px"]},
                            "min_vision_score": sm["min_vision_score"], "source_kind": kind,
                            **({} if sm["gate_alone"] else {"gate_alone": False})}
                 v.steps["smoke"] = add("smoke", vid, "smoke", smoke_params,

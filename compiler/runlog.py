@@ -24,6 +24,7 @@ class StepLog:
         self.file = open(self.path, "a", encoding="utf-8", errors="replace")
         self.started = time.monotonic()
         self._tail: list[str] = []
+        self.peak_rss_mib = 0.0  # the largest tool process this step ran (its own high-water mark)
 
     def __call__(self, message: str) -> None:
         """A line for both the log and the console."""
@@ -52,6 +53,7 @@ class StepLog:
             raise ForgeError(f"could not start {cmd[0]}: {e}", where=self.task) from None
         shown = -1
         lines = []
+        watch = _PeakWatch(proc.pid, str(cmd[0]))
         assert proc.stdout is not None
         for raw in proc.stdout:  # universal newlines: tqdm's \r updates arrive as lines
             line = raw.rstrip()
@@ -71,6 +73,7 @@ class StepLog:
                 shown = pct
                 self.echo(f"  {self.task}: {what} {pct}%")
         code = proc.wait()
+        self.peak_rss_mib = max(self.peak_rss_mib, watch.stop())
         if code != 0:
             raise ForgeError(
                 f"{Path(str(cmd[0])).name} failed with exit code {code} while trying to {what}",
@@ -78,6 +81,43 @@ class StepLog:
                 hint=f"full log: {self.path}",
             )
         return "\n".join(lines)
+
+
+class _PeakWatch:
+    """The peak resident memory of one tool process, so a step can report it beside the bare
+    tool's. Linux's VmHWM (reset at exec, unlike the child's ru_maxrss, which keeps the pre-exec
+    copy of a large parent) read every 0.2 s: a high-water mark only grows, so only a peak in the
+    last 0.2 s before exit can be missed. 0.0 where /proc is not there (macOS)."""
+
+    def __init__(self, pid: int, argv0: str):
+        import threading
+
+        self.path, self.peak, self.done = f"/proc/{pid}/status", 0.0, threading.Event()
+        self.cmdline, self.argv0, self.execed = f"/proc/{pid}/cmdline", argv0.encode(), False
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while True:
+            try:
+                # Before exec the child is a copy of this (large) process: not the tool's memory.
+                if not self.execed:
+                    with open(self.cmdline, "rb") as f:
+                        self.execed = f.read().split(b"\0", 1)[0] == self.argv0
+                if self.execed:
+                    with open(self.path) as f:
+                        for line in f:
+                            if line.startswith("VmHWM:"):
+                                self.peak = max(self.peak, int(line.split()[1]) / 1024)
+            except (OSError, ValueError):
+                return
+            if self.done.wait(0.2 if self.execed else 0.01):
+                return
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return round(self.peak, 1)
 
 
 def python() -> str:

@@ -238,7 +238,9 @@ def main(argv: list[str]) -> int:
                       "ttft_ms": round(ttft * 1000, 1)}
 
     # vision: the generated suite, one image at a time
-    items = suite(params["image_px"])[: params["vision_items"]]
+    # The whole suite on a GPU; its first items on the CPU, where each image costs seconds.
+    n_items = params["vision_items"] if s.on_gpu else params.get("vision_items_cpu", params["vision_items"])
+    items = suite(params["image_px"])[:n_items]
     answers = []
     for item in items:
         s.clear()
@@ -249,14 +251,16 @@ def main(argv: list[str]) -> int:
         answers.append({"id": item["id"], "question": item["question"], "answer": said,
                         "accepted": item["accepted"],
                         "correct": any(a.lower() in said.lower() for a in item["accepted"])})
-    report["vision"] = {"items": answers, "score": sum(a["correct"] for a in answers) / max(len(answers), 1)}
+    report["vision"] = {"items": answers, "score": sum(a["correct"] for a in answers) / max(len(answers), 1),
+                        "suite": "full" if n_items >= params["vision_items"] else f"first {n_items} (CPU)"}
 
     # personas: n_seq prompts, every other one with an image, together and alone
     from PIL import ImageOps
 
     prompts = []
+    small = suite(params.get("persona_image_px", params["image_px"]))[:max(len(items), 1)]
     for k in range(n_seq):
-        item = items[k % len(items)] if k % 2 == 1 and items else None
+        item = small[k % len(small)] if k % 2 == 1 and small else None
         if item:
             prompts.append((chat(item["question"], True), item["image"]))
         else:

@@ -23,7 +23,7 @@ from .toolchain import sha256_file as _sha256
 
 MANIFEST = "manifest.json"
 COUNTERS = {"hashed_bytes": 0, "hashed_files": 0, "stat_hits": 0}
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def sha256_file(path: Path) -> str:
@@ -54,28 +54,33 @@ class StatCache:
         file = Path(file)
         st = file.stat()
         key = str(file.resolve())
-        hit = self.entries.get(key)
+        with _lock:
+            hit = self.entries.get(key)
         if hit and hit[:3] == _stat_key(st):
             with _lock:
                 COUNTERS["stat_hits"] += 1
             return hit[3]
         digest = sha256_file(file)
-        self.entries[key] = _stat_key(st) + [digest]
-        self.dirty = True
+        with _lock:
+            self.entries[key] = _stat_key(st) + [digest]
+            self.dirty = True
         return digest
 
     def remember(self, file: Path, digest: str) -> None:
-        self.entries[str(Path(file).resolve())] = _stat_key(Path(file).stat()) + [digest]
-        self.dirty = True
+        with _lock:
+            self.entries[str(Path(file).resolve())] = _stat_key(Path(file).stat()) + [digest]
+            self.dirty = True
 
     def save(self) -> None:
-        if not self.dirty:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.entries, sort_keys=True))
-        os.replace(tmp, self.path)
-        self.dirty = False
+        # Steps run side by side in threads of one process (doit -n): one writer at a time.
+        with _lock:
+            if not self.dirty:
+                return
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+            tmp.write_text(json.dumps(self.entries, sort_keys=True))
+            os.replace(tmp, self.path)
+            self.dirty = False
 
 
 _STAT_CACHE: StatCache | None = None

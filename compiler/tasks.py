@@ -118,10 +118,10 @@ def build_task_names(plan) -> list[str]:
 
 
 def verify_task(cli_vars: dict) -> dict:
-    from . import verify
-
     def action():
         from doit.exceptions import TaskFailed
+
+        from . import verify
 
         try:
             code = verify.run({k: v for k, v in cli_vars.items() if k != "keep"},
@@ -136,10 +136,10 @@ def verify_task(cli_vars: dict) -> dict:
 
 
 def publish_task(plan, push: bool) -> dict:
-    from . import publish
-
     def action():
         from doit.exceptions import TaskFailed
+
+        from . import publish
 
         try:
             code = publish.run(plan, push=push)
@@ -152,10 +152,10 @@ def publish_task(plan, push: bool) -> dict:
 
 
 def check_cache_task() -> dict:
-    from . import cachecheck
-
     def action():
         from doit.exceptions import TaskFailed
+
+        from . import cachecheck
 
         return None if cachecheck.run() == 0 else TaskFailed("check-cache: damaged entries moved aside (above)")
 

@@ -148,7 +148,9 @@ def compiler_id() -> str:
     return ids[0] if ids[0] == ids[1] else " / ".join(ids)
 
 
+@functools.lru_cache(maxsize=None)
 def _pkg_version(name: str) -> str:
+    # Once per process: a run asks for these for every lock entry it compares.
     from importlib import metadata
 
     try:

@@ -226,3 +226,17 @@ def test_quantize_killed_midway_is_never_taken_as_done(demo_workspace):
     subprocess.run([str(tool("llama-quantize")), "--imatrix", "imatrix.gguf",
                     str(convert), str(clean), "Q6_K", "2"], check=True, capture_output=True, cwd=imatrix)
     assert sha256(out) == sha256(clean)
+
+
+def test_each_tool_step_records_its_seconds_and_its_tools_peak_memory(demo_workspace):
+    """The manifests carry what the bench compares with bare llama.cpp: the step's seconds and the
+    peak resident memory of the tool it ran (not the forge's own, larger, process)."""
+    store = demo_workspace.build / "store"
+    for kind in ("convert", "mmproj", "imatrix", "quantize", "kld-base", "gate"):
+        m = json.loads(next((store / kind).glob("*/manifest.json")).read_text())
+        assert m["seconds"] > 0, kind
+        assert 10 < m["peak_rss_mib"] < 8000, (kind, m.get("peak_rss_mib"))
+    # llama-quantize of a 150 MB BF16 model does not take the ~1 GB the forge process holds.
+    quantize = json.loads(next((store / "quantize").glob("*/manifest.json")).read_text())
+    synthetic = json.loads(next((store / "synthetic").glob("*/manifest.json")).read_text())
+    assert "peak_rss_mib" not in synthetic and quantize["peak_rss_mib"] < 900
