@@ -129,6 +129,8 @@ def _remember_valid(key: str) -> None:
     seen = _validated()
     seen.add(key)
     path = _validated_path()
+    if not path.parent.parent.is_dir():
+        return  # no build dir (the merge job's registry check): nothing to keep, nothing created
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -170,6 +170,8 @@ def _keep_composition(key: str, checked: dict) -> None:
     for old in list(kept)[:-256]:  # edits of conf/ leave old keys behind: keep the latest few hundred
         del kept[old]
     path = _compositions_path()
+    if not path.parent.parent.is_dir():
+        return  # no build dir (the merge job's registry check): nothing to keep, nothing created
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -74,7 +74,8 @@ class StatCache:
     def save(self) -> None:
         # Steps run side by side in threads of one process (doit -n): one writer at a time.
         with _lock:
-            if not self.dirty:
+            # A command run without a build dir (the merge job's registry check) leaves none behind.
+            if not self.dirty or not self.path.parent.parent.is_dir():
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")

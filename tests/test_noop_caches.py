@@ -20,6 +20,7 @@ def planned(ws: Workspace) -> list:
 
 def test_a_conf_edit_and_an_alloy_edit_are_seen_through_the_caches(tmp_path):
     ws = Workspace(tmp_path)
+    ws.build.mkdir(parents=True)  # as doit makes it: caches live in a build dir, never create one
     (ws.alloys / "demo.alloy.json").write_text(DEMO_ALLOY.read_text())
     first = planned(ws)
     assert planned(ws) == first  # second run: from the kept composition and validation
