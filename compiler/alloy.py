@@ -124,20 +124,11 @@ def _validated() -> set:
 
 
 def _remember_valid(key: str) -> None:
-    import os
+    from .paths import keep_state
 
     seen = _validated()
     seen.add(key)
-    path = _validated_path()
-    if not path.parent.parent.is_dir():
-        return  # no build dir (the merge job's registry check): nothing to keep, nothing created
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(sorted(seen)[-4096:]))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a cache: a read-only build dir only costs the next run a validation
+    keep_state(_validated_path().name, sorted(seen)[-4096:])
 
 
 def check_name(name: str, where: str) -> None:

@@ -163,22 +163,13 @@ def _kept_compositions() -> dict:
 
 
 def _keep_composition(key: str, checked: dict) -> None:
-    import os
+    from .paths import keep_state
 
     kept = _kept_compositions()
     kept[key] = checked
     for old in list(kept)[:-256]:  # edits of conf/ leave old keys behind: keep the latest few hundred
         del kept[old]
-    path = _compositions_path()
-    if not path.parent.parent.is_dir():
-        return  # no build dir (the merge job's registry check): nothing to keep, nothing created
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(kept, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a cache: a read-only build dir only costs the next run a composition
+    keep_state(_compositions_path().name, kept)
 
 
 def compose(tier: str, quant: str, overrides: list[str]) -> dict:

@@ -47,3 +47,21 @@ def project_file(path: str) -> Path:
     """A project-owned input (calibration and held-out text): absolute, or relative to the root."""
     p = Path(path)
     return p if p.is_absolute() else ROOT / p
+
+
+def keep_state(name: str, data) -> None:
+    """Write a planning cache (JSON) into the build's state folder, atomically. Only into a build dir
+    that exists: a command run without one (the merge job's registry check) leaves nothing behind.
+    A cache that cannot be written (a read-only build dir) only costs the next run its work."""
+    import json
+
+    folder = state_dir()
+    if not folder.parent.is_dir():
+        return
+    try:
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f"{name}.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, folder / name)
+    except OSError:
+        pass
