@@ -9,7 +9,6 @@
     doit check-cache            hash every artifact in build/store against its manifest
     doit list --all --status    the graph and what is stale
 """
-import os
 import sys
 
 from doit import doit_cmd
@@ -41,10 +40,11 @@ DOIT_CONFIG = {
     # Each failure once with its reason and log, then a line per variant (no UnmetDependency cascade).
     "reporter": reporter_for(PLAN),
     "action_string_formatting": "new",
-    # Independent steps side by side, one per core (`doit -n 1` for one at a time), in threads of
-    # this process: each step waits for room in memory first (compiler/memory.py).
-    "num_process": os.cpu_count() or 1,
-    "par_type": "thread",
+    # One step at a time by default. `doit -n 2 -P thread` runs independent steps side by side, each
+    # waiting for room in memory first (compiler/memory.py); it gained nothing on 2 cores (every
+    # llama.cpp tool uses all cores: docs/bench/forge-vs-bare.md) and one CI run of it crashed the doit
+    # process (SIGSEGV) while three steps were checked at once, cause not found yet: opt-in only.
+    "num_process": 1,
     # A plain `doit` builds; verify and check-cache run only when named.
     "default_tasks": build_task_names(PLAN),
 }
