@@ -23,7 +23,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -31,27 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compiler import config  # noqa: E402
+from compiler.runlog import _PeakWatch as PeakWatch  # noqa: E402
 from compiler.toolchain import VENDOR_DIR, converter, tool  # noqa: E402
 
 CALIBRATION = ROOT / "calibration" / "forge-calibration-v1.txt"
 FORGING = ("convert", "mmproj", "imatrix", "quantize", "kld-base", "gate")
 CHECKS = ("validate", "envelope", "smoke", "receipt")
-
-
-def peak_of(pid: int, box: dict, done: threading.Event, argv0: bytes) -> None:
-    """VmHWM of the process once it runs the tool (as compiler/runlog.py reads a step's tool)."""
-    execed = False
-    while not done.is_set():
-        try:
-            if not execed:
-                execed = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0] == argv0
-            if execed:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        box["peak"] = max(box.get("peak", 0.0), int(line.split()[1]) / 1024)
-        except (OSError, ValueError):
-            return
-        done.wait(0.2 if execed else 0.01)
 
 
 def timed(cmd: list, cwd=None, env=None) -> tuple[float, float]:
@@ -61,15 +45,13 @@ def timed(cmd: list, cwd=None, env=None) -> tuple[float, float]:
         log.write("$ " + " ".join(map(str, cmd)) + "\n")
         log.flush()
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        box, done = {}, threading.Event()
-        watcher = threading.Thread(target=peak_of, args=(proc.pid, box, done, str(cmd[0]).encode()), daemon=True)
-        watcher.start()
+        # The same reading of the tool's peak as a forge step's (compiler/runlog.py).
+        watch = PeakWatch(proc.pid, str(cmd[0]))
         code = proc.wait()
-        done.set()
-        watcher.join()
+        peak = watch.stop()
     if code != 0:
         raise SystemExit(f"failed ({code}): {' '.join(map(str, cmd))} -- see {LOG}")
-    return time.monotonic() - t0, round(box.get("peak", 0.0), 1)
+    return time.monotonic() - t0, peak
 
 
 def by_hand(ckpt: Path, work: Path, quants: list[dict]) -> list[dict]:
