@@ -24,7 +24,7 @@ STAGES = {
     "quantize": "quantize", "mmproj-quantize": "quantize",
     "imatrix": "imatrix",
     "kld-base": "gate", "gate": "gate",
-    "envelope": "envelope",
+    "image-fit": "image_fit", "envelope": "envelope",
     "smoke": "smoke",
     "receipt": "receipt",
 }

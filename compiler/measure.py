@@ -1,11 +1,19 @@
-"""Measure what llama.cpp itself allocates for a variant, on this machine's backend.
+"""Measure what llama.cpp itself allocates, on this machine's backend. Two measurements, each run
+as a subprocess so that its peak memory is its own, each printing one JSON object:
 
-Run as a subprocess (`python -m compiler.measure TEXT MMPROJ N_CTX N_SEQ N_BATCH`) so that its
-peak memory is its own: loads the text model through llama-cpp-python's low-level API with the
-tier's n_ctx, n_seq_max and a unified KV cache (the high-level Llama() ignores n_seq_max, FACTS.md),
-decodes one short prompt per sequence in a single batch with distinct sequence ids, loads the
-projector through mtmd (which reserves its encoder's compute buffer at the largest image), and
-prints one JSON object: every buffer llama.cpp reported, by kind, and the process's peak RSS.
+    python -m compiler.measure TEXT MMPROJ N_CTX N_SEQ N_BATCH [IMAGE_PX [gpu]]
+  a variant: loads the text model through llama-cpp-python's low-level API with the tier's n_ctx,
+  n_seq_max and a unified KV cache (the high-level Llama() ignores n_seq_max, FACTS.md), decodes
+  one short prompt per sequence in a single batch with distinct sequence ids, loads the projector
+  through mtmd (which reserves its encoder's compute buffer), and reports every buffer llama.cpp
+  allocated, by kind, and the process's peak RSS. IMAGE_PX > 0 also evaluates one image of that
+  size into sequence 0 (projector and text model); 0 skips it.
+
+    python -m compiler.measure image MODEL MMPROJ IMAGE_PX
+  the projector at a tier's largest image: how many tokens it becomes, the encoder's seconds and
+  the process's peak. Depends on the projector and the size only (the text model is opened for its
+  hyperparameters, no weights read), so the forge runs it once per projector and tier, not per
+  quant (stages/image_fit.py).
 """
 from __future__ import annotations
 
@@ -43,7 +51,47 @@ def gpu_memory_used_mib() -> int | None:
         return None
 
 
+def measure_image(model_path: str, mmproj_path: str, image_px: int) -> dict:
+    """Encode one square image of `image_px` through the projector alone (no text decode)."""
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    from .placement import stderr_captured
+    from .smoke_run import chat, image_chunk, png
+    from .vision_suite import suite
+
+    llama_cpp.llama_backend_init()
+    mp = llama_cpp.llama_model_default_params()
+    # mtmd asks the text model for its embedding width only: its vocabulary and hyperparameters
+    # suffice, so a 55 GB reference is opened without reading a weight.
+    mp.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(model_path.encode(), mp)
+    if not model:
+        raise RuntimeError(f"could not open {model_path}")
+    params = mtmd_cpp.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.print_timings = False, 2, False
+    err: list[str] = []
+    with stderr_captured(err):
+        mctx = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), model, params)
+    if not mctx:
+        raise RuntimeError(f"the projector {mmproj_path} did not load: {''.join(err)[-800:]}")
+    item = suite(image_px)[0]
+    with image_chunk(mctx, chat(item["question"], True), png(item["image"])) as (chunk, n_tokens):
+        t0 = time.monotonic()
+        rc = mtmd_cpp.mtmd_encode_chunk(mctx, chunk)
+        secs = time.monotonic() - t0
+    mtmd_cpp.mtmd_free(mctx)
+    llama_cpp.llama_model_free(model)
+    if rc != 0:
+        raise RuntimeError(f"mtmd_encode_chunk returned {rc} for a {image_px}px image")
+    return {"image_px": image_px, "image_tokens": n_tokens, "encode_s": round(secs, 3),
+            "peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)}
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] == "image":
+        print(json.dumps(measure_image(argv[1], argv[2], int(argv[3]))))
+        return 0
     import psutil
 
     import llama_cpp
@@ -121,7 +169,7 @@ def main(argv: list[str]) -> int:
         mmproj = {"loaded": bool(mctx), "weights_mib": float(weights.group(1)) if weights else None,
                   "compute_mib": sum(float(c[1]) for c in compute) if compute else None,
                   "warmup_px": int(warmup.group(1)) if warmup else None}
-        if mctx:
+        if mctx and image_px > 0:
             # Evaluate one image of the tier's largest size into sequence 0, after its prompt.
             from .smoke_run import chat, eval_image_prompt, png
             from .vision_suite import suite
@@ -133,6 +181,7 @@ def main(argv: list[str]) -> int:
             mmproj.update(image_px=image_px, image_prompt_tokens=n_img, image_eval_s=round(secs, 3))
             # Read the device while the projector still holds its memory.
             vram_after = gpu_memory_used_mib() if on_gpu else None
+        if mctx:
             mtmd_cpp.mtmd_free(mctx)
     from .placement import buffers_by_kind, projector_device
 

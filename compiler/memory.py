@@ -23,7 +23,7 @@ PEAK = {
     "convert": (1.0, 1024), "mmproj": (1.0, 1024), "mtp-draft": (1.0, 1024),
     "quantize": (1.5, 256), "mmproj-quantize": (1.5, 256),
     "imatrix": (1.0, 1024), "kld-base": (1.0, 1536), "gate": (1.0, 1536),
-    "envelope": None, "smoke": None,
+    "image-fit": None, "envelope": None, "smoke": None,
     "receipt": (0.0, 64),
 }
 BUDGET_SHARE = 0.85  # of the memory available when the run started: the rest for everything else

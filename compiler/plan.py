@@ -168,7 +168,8 @@ STAGE_CODE = {
     "validate": ["stages/validate.py", "weights.py"],
     "imatrix": ["stages/imatrix.py"], "quantize": ["stages/quantize.py"], "mmproj-quantize": ["stages/quantize.py"],
     "kld-base": ["stages/gate.py"], "gate": ["stages/gate.py"],
-    "envelope": ["stages/envelope.py", "envelope.py", "measure.py", "smoke_run.py", "vision_suite.py"],
+    "image-fit": ["stages/image_fit.py", "measure.py", "smoke_run.py", "vision_suite.py", "placement.py"],
+    "envelope": ["stages/envelope.py", "envelope.py", "measure.py", "placement.py"],
     "smoke": ["stages/smoke.py", "smoke_run.py", "vision_suite.py", "preservation.py", "placement.py"],
     "receipt": ["stages/receipt.py"],
 }
@@ -180,7 +181,7 @@ STAGE_CODE = {
 FINGERPRINT_OF = {"synthetic": "converter", "convert": "converter", "mmproj": "converter", "mtp-draft": "converter",
                   "validate": "converter",
                   "quantize": "build", "mmproj-quantize": "build", "imatrix": "build", "kld-base": "build",
-                  "gate": "build", "envelope": "full", "smoke": "full", "receipt": "full"}
+                  "gate": "build", "image-fit": "full", "envelope": "full", "smoke": "full", "receipt": "full"}
 
 
 def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprints: dict, source_ids: dict,
@@ -312,6 +313,16 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             eparams = {"config": {k: cfg[k] for k in ("tier", "backend", "sensory")}}
             einputs = [("text", quantize)] + ([("mmproj", v.steps["projector"])] if "projector" in v.steps else []) + (
                 [("draft", v.steps["draft"])] if "draft" in v.steps else [])
+            if "projector" in v.steps:
+                # The tier's largest image through the projector does not depend on the quant: one
+                # measurement per projector and tier serves every variant's envelope.
+                t = cfg["tier"]
+                v.steps["image-fit"] = add(
+                    "image-fit", f"{src_label}-{ptype}-{t['max_image_px']}px", "image-fit",
+                    {"image_px": t["max_image_px"], "n_ctx_per_persona": t["n_ctx"]},
+                    [("model", convert), ("mmproj", v.steps["projector"])], toolchain,
+                    f"{model_name}'s {ptype.upper()} projector at a {t['max_image_px']}px image")
+                einputs.append(("image", v.steps["image-fit"]))
             v.steps["envelope"] = add("envelope", vid, "envelope", eparams, einputs, toolchain,
                                       f"memory envelope of {vid} on tier {cfg['tier']['name']}")
             if "projector" in v.steps:

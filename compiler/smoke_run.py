@@ -22,6 +22,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import json
@@ -172,10 +173,9 @@ class Session:
         return out.decode("utf-8", "replace")
 
 
-def eval_image_prompt(mctx, ctx, prompt: str, image: bytes, seq: int, start: int, n_batch: int):
-    """Tokenize a prompt with one image through mtmd and evaluate it into sequence `seq` from
-    position `start`; returns (next position, tokens, seconds spent evaluating)."""
-    import llama_cpp as ll
+@contextlib.contextmanager
+def tokenized(mctx, prompt: str, image: bytes):
+    """mtmd's chunks for a prompt with one image (`<image>` marks where), freed on leaving."""
     from llama_cpp import mtmd_cpp as mt
 
     data = (ctypes.c_uint8 * len(image)).from_buffer_copy(image)
@@ -190,6 +190,33 @@ def eval_image_prompt(mctx, ctx, prompt: str, image: bytes, seq: int, start: int
         rc = mt.mtmd_tokenize(mctx, chunks, ctypes.byref(text), bitmaps, 1)
         if rc != 0:
             raise RuntimeError(f"mtmd_tokenize returned {rc}")
+        yield chunks
+    finally:
+        mt.mtmd_input_chunks_free(chunks)
+        mt.mtmd_bitmap_free(bitmap)
+
+
+@contextlib.contextmanager
+def image_chunk(mctx, prompt: str, image: bytes):
+    """The image's own chunk of a tokenized prompt, with its token count."""
+    from llama_cpp import mtmd_cpp as mt
+
+    with tokenized(mctx, prompt, image) as chunks:
+        for i in range(mt.mtmd_input_chunks_size(chunks)):
+            chunk = mt.mtmd_input_chunks_get(chunks, i)
+            if mt.mtmd_input_chunk_get_type(chunk) != mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                yield chunk, mt.mtmd_input_chunk_get_n_tokens(chunk)
+                return
+        raise RuntimeError("mtmd made no image chunk of the prompt")
+
+
+def eval_image_prompt(mctx, ctx, prompt: str, image: bytes, seq: int, start: int, n_batch: int):
+    """Tokenize a prompt with one image through mtmd and evaluate it into sequence `seq` from
+    position `start`; returns (next position, tokens, seconds spent evaluating)."""
+    import llama_cpp as ll
+    from llama_cpp import mtmd_cpp as mt
+
+    with tokenized(mctx, prompt, image) as chunks:
         new_past = ll.llama_pos(0)
         t0 = time.monotonic()
         rc = mt.mtmd_helper_eval_chunks(mctx, ctx, chunks, start, seq, n_batch, True, ctypes.byref(new_past))
@@ -197,9 +224,6 @@ def eval_image_prompt(mctx, ctx, prompt: str, image: bytes, seq: int, start: int
         if rc != 0:
             raise RuntimeError(f"mtmd_helper_eval_chunks returned {rc}")
         return new_past.value, mt.mtmd_helper_get_n_tokens(chunks), seconds
-    finally:
-        mt.mtmd_input_chunks_free(chunks)
-        mt.mtmd_bitmap_free(bitmap)
 
 
 def chat(question: str, image: bool) -> str:

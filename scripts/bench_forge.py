@@ -35,7 +35,7 @@ from compiler.toolchain import VENDOR_DIR, converter, tool  # noqa: E402
 
 CALIBRATION = ROOT / "calibration" / "forge-calibration-v1.txt"
 FORGING = ("convert", "mmproj", "imatrix", "quantize", "kld-base", "gate")
-CHECKS = ("validate", "envelope", "smoke", "receipt")
+CHECKS = ("validate", "image-fit", "envelope", "smoke", "receipt")
 
 
 def timed(cmd: list, cwd=None, env=None) -> tuple[float, float]:

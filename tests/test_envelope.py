@@ -73,3 +73,22 @@ def test_gpu_backends_carry_their_measured_runtime_term():
             assert terms["backend_runtime"]["where"] == "gpu"
     # CUDA's context and cuBLAS workspaces, Vulkan's device objects: measured on an H200 (conf/backend).
     assert runtime == {"cuda": 756 * 2**20, "vulkan": 208 * 2**20, "metal": 0, "cpu": 0}
+
+
+def test_the_largest_image_is_measured_once_per_projector_and_tier(demo_workspace):
+    # demo (Q4_K_M) and demo-q8 (Q8_0) share a source, a tier and an F16 projector: one image-fit
+    # step serves both envelopes (it does not depend on the quant).
+    ws = demo_workspace
+    fits = [t for t in ws.first_run.executed if t.startswith("image-fit:")]
+    assert len(fits) == 1, ws.first_run.executed
+    images = [envelope_report(ws, v)["measured"]["image"] for v in ("demo", "demo-q8")]
+    assert images[0] == images[1]
+    assert images[0]["image_px"] == 1024 and images[0]["image_tokens"] == (1024 // 32) ** 2
+    assert "one 1024px image: 1024 tokens" in ws.first_run.out
+
+
+def test_a_largest_image_beyond_one_persona_context_fails_naming_it(demo_workspace):
+    run = demo_workspace.doit("alloy=demo", "tier.n_ctx=768")
+    assert run.proc.returncode != 0
+    assert "the tier's largest image (1024px) takes 1024 tokens, more than one persona's context of 768" in run.out
+    assert "tier.max_image_px or tier.n_ctx" in run.out

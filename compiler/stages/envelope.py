@@ -1,6 +1,8 @@
 """envelope: estimate the variant's memory at its tier's settings term by term (GGUF headers and
 tensor tables only), check the tier's rules beside its sensory stack, then measure what llama.cpp
-allocates on this machine's CPU backend and put estimate and measurement side by side.
+allocates on this machine's CPU backend and put estimate and measurement side by side. The tier's
+largest image through the projector is measured once per projector and tier (stages/image_fit.py)
+and read here.
 A broken rule fails the variant, naming the rule, the figure and the shortfall."""
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def run(step, out, inputs, log, ctx):
 
     log("measuring llama.cpp's own allocations on the CPU backend")
     proc = subprocess.run([sys.executable, "-m", "compiler.measure", str(text_path), str(mmproj_path or "-"),
-                           str(rt["n_ctx"]), str(rt["n_seq_max"]), str(rt["n_batch"]), str(rt["max_image_px"])],
+                           str(rt["n_ctx"]), str(rt["n_seq_max"]), str(rt["n_batch"]), "0"],
                           capture_output=True, text=True)
     log.write(proc.stderr[-20000:])
     try:
@@ -48,6 +50,8 @@ def run(step, out, inputs, log, ctx):
     except (ValueError, IndexError):
         raise ForgeError("measuring the variant in llama.cpp failed", where=str(text_path),
                          found=proc.stderr[-1500:]) from None
+    if "image" in inputs:
+        measured["image"] = json.loads(inputs["image"].output().read_text())
     rows = env.side_by_side(text, vision, rt, measured)
     lines = ["  estimate vs llama.cpp (CPU backend, this machine):",
              f"    {'term':<40} {'estimate':>12} {'measured':>12} {'error':>8}"]
@@ -55,10 +59,11 @@ def run(step, out, inputs, log, ctx):
         meas = "-" if r["measured_bytes"] is None else f"{r['measured_bytes'] / env.MiB:9.2f} MiB"
         err = "-" if r["error_pct"] is None else f"{r['error_pct']:+.2f}%"
         lines.append(f"    {r['term']:<40} {r['estimate_bytes'] / env.MiB:9.2f} MiB {meas:>12} {err:>8}")
-    p = measured.get("projector") or {}
-    if p.get("image_prompt_tokens"):
-        lines.append(f"    one {p['image_px']}px image evaluated: {p['image_prompt_tokens']} prompt tokens in "
-                     f"{p['image_eval_s']:.2f} s")
+    image = measured.get("image")
+    if image:
+        lines.append(f"    one {image['image_px']}px image: {image['image_tokens']} tokens (one persona's context "
+                     f"{image['n_ctx_per_persona']}), encoded in {image['encode_s']:.2f} s (measured once per "
+                     f"projector and tier)")
     lines.append(f"    peak RSS of the measuring process: {measured['peak_rss_mib']:.1f} MiB")
     report_text += "\n" + "\n".join(lines)
     for line in report_text.splitlines():
