@@ -182,7 +182,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="0.8b")
     ap.add_argument("--quants", default="q8_0,q6_k,q4_k_m,q3_k_m")
-    ap.add_argument("--jobs", default=str(os.cpu_count() or 1), help="doit -n for the forge run")
+    ap.add_argument("--jobs", default="1", help="doit -n for the forge run (1, the default: one step at a time; 2 or more: threads, memory-gated)")
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench-forge"))
     args = ap.parse_args()
     work = Path(args.workdir) / args.shape.replace(".", "_")
@@ -225,7 +225,8 @@ def table(r: dict) -> str:
         return m[0] if m else None
 
     lines = [f"# The forge beside bare llama.cpp: random-weight Qwen3.5 {r['shape']}",
-             "", f"Machine: {r['machine']}; forge run with doit -n {r['jobs']} (threads, memory-gated); "
+             "", f"Machine: {r['machine']}; forge run with doit -n {r['jobs']} "
+             f"({'one step at a time, the default' if str(r['jobs']) == '1' else 'threads, memory-gated'}); "
              f"quants {', '.join(r['quants'])}. Made by `scripts/bench_forge.py --shape {r['shape']}`.", "",
              "| step | by hand s | forge s | by hand peak MiB | forge peak MiB |", "| --- | ---: | ---: | ---: | ---: |"]
     pairs = [("convert", "convert", ""), ("mmproj", "mmproj", ""), ("imatrix", "imatrix", ""),
