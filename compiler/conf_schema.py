@@ -206,6 +206,7 @@ class Gate:
     heldout_sha256: str = bounded(pattern=r"[0-9a-f]{64}")
     ctx: int = bounded(ge=16, why="tokens per chunk; the KL mode scores only the second half of each chunk")
     chunks: int = bounded(ge=1)
+    max_base_ppl: float = bounded(ge=1, why="a perplexity: 1 is a model certain of every token")
 
 
 @dataclass
@@ -216,6 +217,8 @@ class Smoke:
     vision_items_cpu: int = bounded(ge=1, why="the smoke stage fails a variant whose vision suite did not run")
     persona_image_px: int = bounded(ge=32, why="the smallest image the projector turns into a token (one merged patch)")
     min_vision_score: float = bounded(ge=0, le=1, why="a pass rate")
+    fixture_items_per_family: int = bounded(ge=1, why="the smoke stage fails a variant whose vision suite did not run")
+    fixture_min_vision_score: float = bounded(ge=0, le=1, why="a pass rate")
     gate_alone: bool = MISSING
     gpu: GpuMode = GpuMode.auto  # plan.py reads it with .get("gpu", "auto")
 

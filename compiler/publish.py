@@ -402,7 +402,7 @@ def run(plan, push: bool = False) -> int:
                 say(f"  {'left alone':<15} {name:<48} {'':>12}  on the Hub, not staged")
         todo = [n for n, action, _ in rows if action == "upload"]
         if st.random_weights:
-            say("  random-weight source: staged for inspection; pushing it needs publish.allow_synthetic=true")
+            say("  synthetic source (made by the forge, not a released model): staged for inspection; pushing it needs publish.allow_synthetic=true")
             if push:
                 failed = True
                 continue

@@ -10,12 +10,14 @@
       different content of the same length (the cell layout and batch shapes stay the same): its
       logits must be bit-identical, since masked cells contribute exact zeros. Anything it can see
       of its neighbours moves them. This check is exact on any weights.
-    alone -- each sequence's greedy tokens (and top-8 logits within 0.01) equal what its prompt
-      gives decoded alone in an empty context. With a unified KV cache a sequence's cells sit at
-      other offsets than alone, and llama.cpp's tiled attention rounds differently (seen on the
-      real 0.8B layout: up to 0.05 on image prompts; bit-identical with kv_unified off). Real
-      weights have margins far above that; random weights have near-ties, so the stage gates
-      this check on real checkpoints only and reports it on random ones.
+    alone -- each sequence's greedy tokens, and the ids of its top-8 logits with their values
+      within 1% (of the logit, or 0.01 below 1), equal what its prompt gives decoded alone in an
+      empty context. With a unified KV cache a sequence's cells sit at other offsets than alone,
+      and llama.cpp's tiled attention rounds differently (seen: up to 0.05 on image prompts of the
+      real 0.8B layout, 0.014 on the trained demo fixture's logits of ~20; bit-identical with
+      kv_unified off). Weights that predict have margins far above that; random weights have
+      near-ties, so the stage gates this check on seeing checkpoints only and reports it on random
+      ones.
   PARAMS may set "break": "shared-seq" to put every prompt on sequence 0 -- the broken setup both
   checks have to catch;
 - timings: load, image encode, prompt and generation tokens/s, time to first token.
@@ -103,7 +105,9 @@ class Session:
             self.finite = False
         # Keep the top of the distribution too: on random weights greedy text can collapse to one
         # token for every prompt, so equal tokens alone would not prove that sequences stay apart.
-        top = np.argsort(logits)[-8:][::-1]
+        # Stable: a trained fixture's untrained tokens all have logit 0 exactly, and tied values
+        # must come out in the same order on every call.
+        top = np.argsort(-logits, kind="stable")[:8]
         self.last_top = [(int(t), float(logits[t])) for t in top]
         return int(top[0])
 
@@ -262,9 +266,17 @@ def main(argv: list[str]) -> int:
                       "ttft_ms": round(ttft * 1000, 1)}
 
     # vision: the generated suite, one image at a time
-    # The whole suite on a GPU; its first items on the CPU, where each image costs seconds.
-    n_items = params["vision_items"] if s.on_gpu else params.get("vision_items_cpu", params["vision_items"])
-    items = suite(params["image_px"])[:n_items]
+    if params.get("suite") == "fixture":
+        # A trained fixture's own suite: 96 px pictures of 9 tokens each, all of them on any backend.
+        from .fixture_data import suite as fixture_suite
+
+        items = fixture_suite(params["fixture_items_per_family"])
+        n_items, suite_name = len(items), f"fixture, {len(items)} items"
+    else:
+        # The whole suite on a GPU; its first items on the CPU, where each image costs seconds.
+        n_items = params["vision_items"] if s.on_gpu else params.get("vision_items_cpu", params["vision_items"])
+        items = suite(params["image_px"])[:n_items]
+        suite_name = "full" if n_items >= params["vision_items"] else f"first {n_items} (CPU)"
     answers = []
     for item in items:
         s.clear()
@@ -276,13 +288,14 @@ def main(argv: list[str]) -> int:
                         "accepted": item["accepted"],
                         "correct": any(a.lower() in said.lower() for a in item["accepted"])})
     report["vision"] = {"items": answers, "score": sum(a["correct"] for a in answers) / max(len(answers), 1),
-                        "suite": "full" if n_items >= params["vision_items"] else f"first {n_items} (CPU)"}
+                        "suite": suite_name}
 
     # personas: n_seq prompts, every other one with an image, together and alone
     from PIL import ImageOps
 
     prompts = []
-    small = suite(params.get("persona_image_px", params["image_px"]))[:max(len(items), 1)]
+    small = items if params.get("suite") == "fixture" else \
+        suite(params.get("persona_image_px", params["image_px"]))[:max(len(items), 1)]
     for k in range(n_seq):
         item = small[k % len(small)] if k % 2 == 1 and small else None
         if item:
@@ -328,15 +341,18 @@ def main(argv: list[str]) -> int:
 
     def same(a, b, tol):
         """Same greedy tokens, and the same top-8 of every step's distribution (ids, and values
-        within tol); returns (equal, largest difference)."""
+        within tol, relative to the logit's size where it is above 1); returns (equal, largest
+        absolute difference)."""
         if a[2] != b[2]:
             return False, None
-        diff = 0.0
+        diff, within = 0.0, True
         for step_a, step_b in zip(a[3], b[3]):
             if [t for t, _ in step_a] != [t for t, _ in step_b]:
                 return False, None
-            diff = max(diff, max(abs(x - y) for (_, x), (_, y) in zip(step_a, step_b)))
-        return diff <= tol, diff
+            for (_, x), (_, y) in zip(step_a, step_b):
+                diff = max(diff, abs(x - y))
+                within = within and abs(x - y) <= tol * max(1.0, abs(x))
+        return within, diff
 
     isolated = []
     for k in range(n_seq):

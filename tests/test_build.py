@@ -64,7 +64,7 @@ def test_demo_variant_has_published_names_and_a_true_receipt(demo_workspace):
                 value = str(field.contents())
                 assert source_key not in value and source_key[:8] not in value, (gguf_file.name, field.name, value)
         meta = GGUFReader(gguf_file).fields
-        assert meta["general.name"].contents() == "qwen3.5-tiny-random" and "general.finetune" not in meta
+        assert meta["general.name"].contents() == "qwen3.5-tiny-seeing" and "general.finetune" not in meta
     # Progress a person can follow, and the outputs' location at the end.
     assert "quantize to Q4_K_M 100%" in ws.first_run.out
     assert str(folder) in ws.first_run.out
@@ -73,11 +73,11 @@ def test_demo_variant_has_published_names_and_a_true_receipt(demo_workspace):
 def test_two_alloys_with_one_source_share_one_conversion(demo_workspace):
     ws = demo_workspace
     ran = ws.first_run.executed
-    assert {t for t in ran if t.startswith("convert:")} == {"convert:qwen3.5-tiny-random"}
+    assert {t for t in ran if t.startswith("convert:")} == {"convert:qwen3.5-tiny-seeing"}
     assert {"quantize:demo", "quantize:demo-q8"} <= ran
     # One imatrix (Q4_K_M uses it; Q8_0 needs none) and one set of reference logits for both gates.
     assert {t for t in ran if t.startswith(("imatrix:", "kld-base:"))} == {
-        "imatrix:qwen3.5-tiny-random", "kld-base:qwen3.5-tiny-random"}
+        "imatrix:qwen3.5-tiny-seeing", "kld-base:qwen3.5-tiny-seeing"}
     assert len(list((ws.build / "store" / "convert").iterdir())) == 1
     # Both variants' text models come from the same converted file.
     assert ws.lock()["variants"]["demo"]["keys"]["convert"] == ws.lock()["variants"]["demo-q8"]["keys"]["convert"]

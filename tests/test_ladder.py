@@ -50,7 +50,7 @@ def gate_figures(ws, variant):
 
 def test_one_imatrix_serves_every_quant_of_the_source(ladder):
     ran = ladder.first_run.executed
-    assert [t for t in ran if t.startswith("imatrix:")] == ["imatrix:qwen3.5-tiny-random"]
+    assert [t for t in ran if t.startswith("imatrix:")] == ["imatrix:qwen3.5-tiny-seeing"]
     lock = ladder.lock()["variants"]
     assert set(lock) == {"ladder", "ladder@iq3_m", "ladder@q2_k", "ladder@q8_0"}
     keys = {v: lock[v]["keys"].get("imatrix") for v in lock}
@@ -67,7 +67,7 @@ def test_one_imatrix_serves_every_quant_of_the_source(ladder):
 def test_a_further_quant_reuses_the_imatrix(ladder):
     run = ladder.doit("alloy=ladder", "quant=iq3_xxs")
     assert_ok(run)
-    assert "imatrix:qwen3.5-tiny-random" in run.skipped
+    assert "imatrix:qwen3.5-tiny-seeing" in run.skipped
     assert "quantize:ladder@iq3_xxs" in run.executed
 
 
@@ -94,7 +94,7 @@ def test_projector_can_ship_as_q8_0(ladder):
     folder = ladder.variant("ladder@q8_0,quant.projector-q8_0")
     f16, q8 = ladder.variant("ladder@q8_0") / "mmproj-ladder-F16.gguf", folder / "mmproj-ladder-Q8_0.gguf"
     assert q8.exists() and q8.stat().st_size < f16.stat().st_size
-    assert "mmproj-quantize:qwen3.5-tiny-random-q8_0" in run.executed
+    assert "mmproj-quantize:qwen3.5-tiny-seeing-q8_0" in run.executed
 
 
 def test_same_variant_built_elsewhere_has_the_same_bytes(ladder, tmp_path_factory):
@@ -115,7 +115,7 @@ def test_changing_the_corpus_rebuilds_the_imatrix_and_its_quants_only(ladder):
     path.write_text(json.dumps(data, indent=2))
     run = ladder.doit()
     assert_ok(run)
-    rebuilt = {"imatrix:qwen3.5-tiny-random"} | {f"{stage}:{v}" for stage in ("quantize", "gate", "envelope", "smoke")
+    rebuilt = {"imatrix:qwen3.5-tiny-seeing"} | {f"{stage}:{v}" for stage in ("quantize", "gate", "envelope", "smoke")
                                                  for v in ("ladder", "ladder@iq3_m", "ladder@q2_k")}
     assert {t for t in run.executed if not t.startswith(("receipt:", "lock:")) and t != "registry"} == rebuilt, run.out
     # The recipe changed, so every variant of it gets a new executed alloy (receipt) and lock

@@ -16,7 +16,7 @@ from hub_loopback import LoopbackHub
 pytestmark = pytest.mark.build
 
 TOKEN = "hf_forgeLoopbackSecret0123456789abcdef"
-REPO = "continuum-ai/qwen3.5-demo-tiny-random-GGUF"
+REPO = "continuum-ai/qwen3.5-demo-tiny-seeing-GGUF"
 
 
 @pytest.fixture()
@@ -53,7 +53,7 @@ def test_publish_dry_run_push_and_a_second_push_that_uploads_nothing(demo_worksp
         assert files[out["filename"]] == out["sha256"]
     card = hub.repos[REPO]["files"]["README.md"].decode()
     meta = front_matter(card)
-    assert meta["base_model"] == "forge-demo/qwen3.5-tiny-random"
+    assert meta["base_model"] == "forge-demo/qwen3.5-tiny-seeing"
     assert meta["base_model_relation"] == "quantized" and meta["pipeline_tag"] == "image-text-to-text"
     assert meta["license"] == "apache-2.0" and meta["quantized_by"] == "continuum-ai"
     assert {"continuum-ai", "forged", "forge-alloy", "gguf", "vision", "qwen3.5", "m4", "Q4_K_M"} <= set(meta["tags"])
@@ -166,7 +166,7 @@ def test_random_weights_and_experiments_are_never_pushed(demo_workspace, hub):
     finally:
         cfg.write_text(original)
     assert run.proc.returncode != 0
-    assert "random-weight source: staged for inspection; pushing it needs publish.allow_synthetic=true" in run.out
+    assert "synthetic source (made by the forge, not a released model): staged for inspection; pushing it needs publish.allow_synthetic=true" in run.out
     # A command-line experiment would replace the tier repo's card and default recipe: refused.
     experiment = publish(ws, hub, "quant=q8", "push=1")
     assert experiment.proc.returncode != 0

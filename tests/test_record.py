@@ -129,7 +129,7 @@ def test_two_runs_at_once_end_as_one_would_have(tmp_path, demo_workspace):
     for run in runs:
         assert_ok(run)
     # Each step was built once: the other run waited for it and found it complete.
-    assert sum("convert:qwen3.5-tiny-random: done in" in r.out for r in runs) == 1
+    assert sum("convert:qwen3.5-tiny-seeing: done in" in r.out for r in runs) == 1
     # The same lock entry as the session's single run of the demo: step keys, outputs, smoke (the
     # session's workspace has had its sensory conf edited by then, so the envelope and the receipt
     # that waits on it are keyed apart), and the same store contents.

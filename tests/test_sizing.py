@@ -14,7 +14,7 @@ pytestmark = pytest.mark.build
 
 def test_sizes_from_config_alone_match_real_quantize_output(demo_workspace, tmp_path):
     ws = demo_workspace
-    ckpt = sizing.sparse_checkpoint(load_shape("tiny"), tmp_path / "qwen3.5-tiny-random")
+    ckpt = sizing.sparse_checkpoint(load_shape("tiny"), tmp_path / "qwen3.5-tiny-seeing")
     ref = sizing.sparse_reference(ckpt, tmp_path / "ref.gguf")
     lock = ws.lock()["variants"]
     real = ws.build / "store" / "convert" / lock["demo"]["keys"]["convert"] / "model-BF16.gguf"

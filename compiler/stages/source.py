@@ -10,7 +10,9 @@ from ..store import stat_cache
 
 def run(step, out, inputs, log, ctx):
     kind = step.kind
-    if kind == "synthetic":
+    if kind == "synthetic" and "train" in step.params:
+        _train(step, out, log)
+    elif kind == "synthetic":
         from .. import synthetic
 
         p = step.params
@@ -81,3 +83,34 @@ def local_identity(alloy_path: Path, local: str) -> dict:
         raise ForgeError("local source has no config.json", where=f"{alloy_path} $.source.localPath",
                          found=sorted(files)[:10], allowed="a Hugging Face checkpoint folder")
     return {"path": str(folder), "files": files}
+
+
+def _train(step, out, log) -> None:
+    """The demo fixture, trained in a process of its own: its CPU kernels and threads are pinned
+    before torch loads (compiler/train.py), whatever this process already imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ..train import PINNED_ENV
+
+    p = step.params
+    log(f"training the Qwen3.5 fixture: {p['train']['steps']} steps from seed {p['seed']} on the CPU "
+        f"(compiler/train.py; about 2.5 minutes on 2 cores)")
+    cmd = [sys.executable, "-m", "compiler.train", str(out.tmp), "--shape-json", json.dumps(p["shape"]),
+           "--seed", str(p["seed"]), "--steps", str(p["train"]["steps"])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, **PINNED_ENV), cwd=Path(__file__).resolve().parents[2])
+    lines = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        lines.append(line)
+        if line.startswith("step ") or line.startswith("trained "):
+            log(line)
+        else:
+            log.write(line + "\n")
+    if proc.wait() != 0:
+        raise ForgeError("training the demo fixture failed", where=step.task, found="\n".join(lines[-30:]))
+    files = json.loads(lines[-1])["files"]
+    log(f"wrote {len(files)} files")
