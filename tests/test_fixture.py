@@ -152,3 +152,21 @@ def test_the_suite_is_apart_from_training():
     rng = random.Random(1)  # the demo's training seed: its first 3000 pictures
     seen = {np.asarray(fixture_data.training_item(rng)["image"]).tobytes() for _ in range(3000)}
     assert not seen & {np.asarray(i["image"]).tobytes() for i in held}
+
+
+def test_a_quant_too_coarse_for_the_fixture_fails_its_gate_on_the_top_token(demo_workspace):
+    # docs/fixture-ladder.md: IQ2_M keeps the fixture's top token on 61% of the held-out text,
+    # under its conf/quant threshold of 0.7; the demo's Q4_K_M (98%) passed its own gate to be built.
+    run = demo_workspace.doit("alloy=demo", "quant=iq2_m")
+    assert run.proc.returncode != 0
+    assert "quality gate failed for demo (IQ2_M against its reference" in run.out, run.out[-3000:]
+    assert re_search(r"top-1 agreement\s+0\.6\d+\s+>= 0\.7\s+FAIL", run.out), run.out[-3000:]
+    gate = json.loads(next((demo_workspace.build / "store" / "gate").glob(
+        f"{demo_workspace.lock()['variants']['demo']['keys']['gate']}/gate.json")).read_text())
+    assert gate["passed"] and gate["figures"]["top1_agreement"] >= 0.9
+
+
+def re_search(pattern, text):
+    import re
+
+    return re.search(pattern, text)
