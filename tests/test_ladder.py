@@ -77,7 +77,9 @@ def test_gate_ranks_quants_and_records_figures_in_the_receipt(ladder):
     assert q2["mean_kld"] > q8["mean_kld"]
     assert iq2["mean_kld"] > q8["mean_kld"]
     assert q8["top1_agreement"] > q2["top1_agreement"]
-    assert set(q8) == {"mean_kld", "p99_kld", "top1_agreement", "ppl_ratio"}
+    # ppl_base: the reference's perplexity on the text, which says whether the ratio was gated.
+    assert set(q8) == {"mean_kld", "p99_kld", "top1_agreement", "ppl_ratio", "ppl_base"}
+    assert q8["ppl_base"] == q2["ppl_base"] > 1
 
 
 def test_a_threshold_below_the_measured_kld_fails_the_variant_with_its_table(ladder):
