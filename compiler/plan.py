@@ -339,7 +339,7 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                                    "max_tokens": sm["max_tokens"],
                                    "image_px": sm["image_px"], "vision_items": sm["vision_items"],
                                    "vision_items_cpu": sm["vision_items_cpu"], "persona_image_px": sm["persona_image_px"]},
-                           "min_vision_score": sm["min_vision_score"], "source_kind": kind,
+                           "min_vision_score": sm["min_vision_score"],
                            # random weights see nothing: their suite runs for its mechanics, ungated
                            "sees": kind != "synthetic" or "train" in sparams,
                            **({} if sm["gate_alone"] else {"gate_alone": False})}
