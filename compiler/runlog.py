@@ -122,3 +122,16 @@ class _PeakWatch:
 
 def python() -> str:
     return sys.executable
+
+
+def run_json(module_args: list, log: StepLog, failure: str, where: str) -> dict:
+    """Run `python -m MODULE ARGS...` whose stdout's last line is one JSON object (the measuring and
+    smoke processes): its stderr goes to the step's log, a crash to a ForgeError with its tail."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-m", *[str(a) for a in module_args]], capture_output=True, text=True)
+    log.write(proc.stderr[-20000:])
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise ForgeError(failure, where=where, found=proc.stderr[-1500:]) from None

@@ -265,7 +265,8 @@ def train(out_dir, shape: dict, seed: int, hyper: dict | None = None, log=print)
             with torch.no_grad():
                 vis = full_vocab_ce(logits[:n_vis], targets[:n_vis], mask[:n_vis], n_other).item()
                 txt = full_vocab_ce(logits[n_vis:], targets[n_vis:], mask[n_vis:], n_other).item()
-            log(f"step {step} loss {loss.item():.4f} (vision answers {vis:.3f}, text {txt:.3f}, "
+            # "[ n/N]": the form StepLog.run reads as progress (echoed every 10%)
+            log(f"[{step + 1:4d}/{steps}] loss {loss.item():.4f} (vision answers {vis:.3f}, text {txt:.3f}, "
                 f"aux {aux.item() if hp['aux'] else 0:.3f}) t {time.monotonic() - t_loop:.1f}s")
     save(model, vocab, out, shape)
     log(f"trained {steps} steps in {time.monotonic() - t_start:.1f} s")

@@ -7,12 +7,11 @@ A broken rule fails the variant, naming the rule, the figure and the shortfall."
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from .. import envelope as env
 from ..alloy import validate
 from ..errors import ForgeError
+from ..runlog import run_json
 from ..ggufcheck import read_layout
 
 
@@ -41,15 +40,8 @@ def run(step, out, inputs, log, ctx):
     report_text = env.table(terms, verdict, title)
 
     log("measuring llama.cpp's own allocations on the CPU backend")
-    proc = subprocess.run([sys.executable, "-m", "compiler.measure", str(text_path), str(mmproj_path or "-"),
-                           str(rt["n_ctx"]), str(rt["n_seq_max"]), str(rt["n_batch"]), "0"],
-                          capture_output=True, text=True)
-    log.write(proc.stderr[-20000:])
-    try:
-        measured = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise ForgeError("measuring the variant in llama.cpp failed", where=str(text_path),
-                         found=proc.stderr[-1500:]) from None
+    measured = run_json(["compiler.measure", text_path, mmproj_path or "-", rt["n_ctx"], rt["n_seq_max"],
+                         rt["n_batch"], 0], log, "measuring the variant in llama.cpp failed", str(text_path))
     if "image" in inputs:
         measured["image"] = json.loads(inputs["image"].output().read_text())
     rows = env.side_by_side(text, vision, rt, measured)

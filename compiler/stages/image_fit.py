@@ -5,24 +5,17 @@ once per projector and tier; every variant's envelope reads it (stages/envelope.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from ..errors import ForgeError
+from ..runlog import run_json
 
 
 def run(step, out, inputs, log, ctx):
     px, n_ctx = step.params["image_px"], step.params["n_ctx_per_persona"]
     model, mmproj = inputs["model"].output(), inputs["mmproj"].output()
     log(f"encoding one {px}px image through {mmproj.name}")
-    proc = subprocess.run([sys.executable, "-m", "compiler.measure", "image", str(model), str(mmproj), str(px)],
-                          capture_output=True, text=True)
-    log.write(proc.stderr[-20000:])
-    try:
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise ForgeError(f"encoding a {px}px image through the projector failed", where=str(mmproj),
-                         found=proc.stderr[-1500:]) from None
+    report = run_json(["compiler.measure", "image", model, mmproj, px], log,
+                      f"encoding a {px}px image through the projector failed", str(mmproj))
     report["n_ctx_per_persona"] = n_ctx
     log(f"one {px}px image: {report['image_tokens']} tokens, encoded in {report['encode_s']:.2f} s "
         f"(peak RSS {report['peak_rss_mib']:.1f} MiB)")

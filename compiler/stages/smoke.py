@@ -4,11 +4,10 @@ fails gets no receipt, and nothing after it runs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from .. import preservation
 from ..errors import ForgeError
+from ..runlog import run_json
 from .source import checkpoint_dir
 
 
@@ -22,14 +21,10 @@ def run(step, out, inputs, log, ctx):
         f"{proj['tensors']} projector tensors ({proj['bytes'] / 2**20:.1f} MiB)")
     params = out.path("smoke-params.json")
     params.write_text(json.dumps(p["run"]))
-    proc = subprocess.run([sys.executable, "-m", "compiler.smoke_run", str(text), str(mmproj), str(params)],
-                          capture_output=True, text=True)
-    params.unlink()
-    log.write(proc.stderr[-20000:])
     try:
-        report = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise ForgeError("the smoke run crashed", where=str(text), found=proc.stderr[-1500:]) from None
+        report = run_json(["compiler.smoke_run", text, mmproj, params], log, "the smoke run crashed", str(text))
+    finally:
+        params.unlink()
     # The report keeps the counts and hashes; the per-tensor tables were for the check above.
     report["preservation"] = {"tower": {k: v for k, v in tower.items() if k != "expected"},
                               "projector": {k: v for k, v in proj.items() if k not in ("names", "shapes")}}

@@ -89,28 +89,15 @@ def _train(step, out, log) -> None:
     """The demo fixture, trained in a process of its own: its CPU kernels and threads are pinned
     before torch loads (compiler/train.py), whatever this process already imported."""
     import json
-    import os
-    import subprocess
     import sys
 
     from ..train import PINNED_ENV
 
     p = step.params
-    log(f"training the Qwen3.5 fixture: {p['train']['steps']} steps from seed {p['seed']} on the CPU "
-        f"(compiler/train.py; about 2.5 minutes on 2 cores)")
-    cmd = [sys.executable, "-m", "compiler.train", str(out.tmp), "--shape-json", json.dumps(p["shape"]),
-           "--seed", str(p["seed"]), "--steps", str(p["train"]["steps"])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, **PINNED_ENV), cwd=Path(__file__).resolve().parents[2])
-    lines = []
-    for line in proc.stdout:
-        line = line.rstrip()
-        lines.append(line)
-        if line.startswith("step ") or line.startswith("trained "):
-            log(line)
-        else:
-            log.write(line + "\n")
-    if proc.wait() != 0:
-        raise ForgeError("training the demo fixture failed", where=step.task, found="\n".join(lines[-30:]))
-    files = json.loads(lines[-1])["files"]
+    cmd = [sys.executable, "-m", "compiler.train", out.tmp, "--shape-json", json.dumps(p["shape"]),
+           "--seed", p["seed"], "--steps", p["train"]["steps"]]
+    output = log.run(cmd, f"train the Qwen3.5 fixture, {p['train']['steps']} steps from seed {p['seed']} "
+                     f"(compiler/train.py; about 3 minutes on 2 cores)", env=PINNED_ENV,
+                     cwd=Path(__file__).resolve().parents[2])
+    files = json.loads(output.splitlines()[-1])["files"]
     log(f"wrote {len(files)} files")
