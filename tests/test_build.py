@@ -238,5 +238,8 @@ def test_each_tool_step_records_its_seconds_and_its_tools_peak_memory(demo_works
         assert 10 < m["peak_rss_mib"] < 8000, (kind, m.get("peak_rss_mib"))
     # llama-quantize of a 150 MB BF16 model does not take the ~1 GB the forge process holds.
     quantize = json.loads(next((store / "quantize").glob("*/manifest.json")).read_text())
+    assert quantize["peak_rss_mib"] < 900
+    # The demo's source trains in its own process; that process's peak is the step's (torch's
+    # training holds more than quantize's, and far less than the 8 GB a leak would show).
     synthetic = json.loads(next((store / "synthetic").glob("*/manifest.json")).read_text())
-    assert "peak_rss_mib" not in synthetic and quantize["peak_rss_mib"] < 900
+    assert quantize["peak_rss_mib"] < synthetic["peak_rss_mib"] < 4000
