@@ -128,9 +128,10 @@ class Tier:
 
 @dataclass
 class QuantGate:
-    max_mean_kld: float = bounded(gt=0)
-    max_p99_kld: float = bounded(gt=0)
-    min_top1_agreement: float = bounded(gt=0, le=1, why="a share of tokens")
+    # Factors on the source's own static Q8_0 measured on the same tokens (stages/gate.py).
+    max_mean_kld_x_q8: float = bounded(gt=0, why="a multiple of the Q8_0's mean KLD")
+    max_p999_kld_x_q8: float = bounded(gt=0, why="a multiple of the Q8_0's 99.9th-percentile KLD")
+    max_top_miss_x_q8: float = bounded(gt=0, why="a multiple of the Q8_0's share of tokens whose top token differs")
     max_ppl_ratio: float = bounded(ge=1, why="a quant is not expected to beat its own reference")
 
 
@@ -219,6 +220,7 @@ class Smoke:
     min_vision_score: float = bounded(ge=0, le=1, why="a pass rate")
     fixture_items_per_family: int = bounded(ge=1, why="the smoke stage fails a variant whose vision suite did not run")
     fixture_min_vision_score: float = bounded(ge=0, le=1, why="a pass rate")
+    min_projector_agreement: float = bounded(ge=0, le=1, why="a share of the suite's answers")
     gate_alone: bool = MISSING
     gpu: GpuMode = GpuMode.auto  # plan.py reads it with .get("gpu", "auto")
 

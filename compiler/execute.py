@@ -23,7 +23,7 @@ STAGES = {
     "convert": "convert", "mmproj": "convert", "mtp-draft": "convert",
     "quantize": "quantize", "mmproj-quantize": "quantize",
     "imatrix": "imatrix",
-    "kld-base": "gate", "gate": "gate",
+    "kld-base": "kld", "kld-q8": "kld", "gate": "gate",
     "image-fit": "image_fit", "envelope": "envelope",
     "smoke": "smoke",
     "receipt": "receipt",

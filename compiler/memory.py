@@ -22,7 +22,7 @@ PEAK = {
     "hub": (0.0, 256), "local": (0.0, 64), "validate": (0.0, 128),
     "convert": (1.0, 1024), "mmproj": (1.0, 1024), "mtp-draft": (1.0, 1024),
     "quantize": (1.5, 256), "mmproj-quantize": (1.5, 256),
-    "imatrix": (1.0, 1024), "kld-base": (1.0, 1536), "gate": (1.0, 1536),
+    "imatrix": (1.0, 1024), "kld-base": (1.0, 1536), "kld-q8": (1.0, 1536), "gate": (1.0, 1536),
     "image-fit": None, "envelope": None, "smoke": None,
     "receipt": (0.0, 64),
 }

@@ -169,7 +169,7 @@ STAGE_CODE = {
     "convert": ["stages/convert.py"], "mmproj": ["stages/convert.py"], "mtp-draft": ["stages/convert.py"],
     "validate": ["stages/validate.py", "weights.py"],
     "imatrix": ["stages/imatrix.py"], "quantize": ["stages/quantize.py"], "mmproj-quantize": ["stages/quantize.py"],
-    "kld-base": ["stages/gate.py"], "gate": ["stages/gate.py"],
+    "kld-base": ["stages/kld.py"], "kld-q8": ["stages/kld.py"], "gate": ["stages/gate.py", "stages/kld.py"],
     "image-fit": ["stages/image_fit.py", "measure.py", "smoke_run.py", "vision_suite.py", "placement.py"],
     "envelope": ["stages/envelope.py", "envelope.py", "measure.py", "placement.py"],
     "smoke": ["stages/smoke.py", "smoke_run.py", "vision_suite.py", "fixture_data.py", "preservation.py",
@@ -184,7 +184,7 @@ STAGE_CODE = {
 FINGERPRINT_OF = {"synthetic": "converter", "convert": "converter", "mmproj": "converter", "mtp-draft": "converter",
                   "validate": "converter",
                   "quantize": "build", "mmproj-quantize": "build", "imatrix": "build", "kld-base": "build",
-                  "gate": "build", "image-fit": "full", "envelope": "full", "smoke": "full", "receipt": "full"}
+                  "kld-q8": "build", "gate": "build", "image-fit": "full", "envelope": "full", "smoke": "full", "receipt": "full"}
 
 
 def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprints: dict, source_ids: dict,
@@ -288,10 +288,19 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             heldout = {"file": g["heldout"], "sha256": g["heldout_sha256"], "ctx": g["ctx"], "chunks": g["chunks"]}
             kld_base = add("kld-base", src_label, "kld-base", heldout, [("model", convert)], toolchain,
                            f"reference logits of {model_name} on {g['heldout'].split('/')[-1]}")
+            # The source's own static Q8_0 over the same tokens: the yardstick the gate's factors
+            # multiply (stages/gate.py). A shipped static Q8_0 is this very step (same key).
+            q8 = add("quantize", f"{src_label}@q8_0-yardstick", "quantize",
+                     {"llama_type": "Q8_0", "output_type": None, "token_embedding_type": None, "tensor_types": [],
+                      "imatrix": None}, [("model", convert)], toolchain,
+                     f"quantize {model_name} to a static Q8_0, the gate's yardstick", after=[validate])
+            kld_q8 = add("kld-q8", src_label, "kld-q8", heldout, [("model", q8), ("base", kld_base)], toolchain,
+                         f"{model_name}'s static Q8_0 against the reference on {g['heldout'].split('/')[-1]}")
             gate = add("gate", vid, "gate", {**heldout, "thresholds": q["gate"], "label": q["label"],
                                              "max_base_ppl": g["max_base_ppl"]},
-                       [("model", quantize), ("base", kld_base)], toolchain,
-                       f"quality gate of {vid}: KL divergence against the {outtype.upper()} reference")
+                       [("model", quantize), ("base", kld_base), ("q8", kld_q8)], toolchain,
+                       f"quality gate of {vid}: KL divergence against the {outtype.upper()} reference, "
+                       f"relative to its Q8_0")
             v = Variant(id=vid, alloy=alloy, quant=quant, llama_type=q["llama_type"], label=q["label"],
                         overrides=list(overrides), config=cfg)
             v.steps.update(source=source, validate=validate, convert=convert, quantize=quantize, gate=gate)
@@ -340,6 +349,7 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                                    "image_px": sm["image_px"], "vision_items": sm["vision_items"],
                                    "vision_items_cpu": sm["vision_items_cpu"], "persona_image_px": sm["persona_image_px"]},
                            "min_vision_score": sm["min_vision_score"],
+                           "min_projector_agreement": sm["min_projector_agreement"],
                            # random weights see nothing: their suite runs for its mechanics, ungated
                            "sees": kind != "synthetic" or "train" in sparams,
                            **({} if sm["gate_alone"] else {"gate_alone": False})}
@@ -347,8 +357,13 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                     # A trained fixture is judged on the suite of its own kind of picture.
                     smoke_params["run"].update(suite="fixture", fixture_items_per_family=sm["fixture_items_per_family"])
                     smoke_params["min_vision_score"] = sm["fixture_min_vision_score"]
+                # The projector as F32, the reference the shipped type's answers are checked against.
+                reference_mmproj = add("mmproj", f"{src_label}-f32", "mmproj", {"outtype": "f32", "model_name": model_name},
+                                       [("source", source)], toolchain,
+                                       f"convert {model_name} vision projector to F32 GGUF (the smoke's reference)")
                 v.steps["smoke"] = add("smoke", vid, "smoke", smoke_params,
-                                       [("text", quantize), ("mmproj", v.steps["projector"]), ("source", source)],
+                                       [("text", quantize), ("mmproj", v.steps["projector"]), ("source", source),
+                                        ("reference_mmproj", reference_mmproj)],
                                        toolchain, f"smoke test of {vid}: text, vision, {t['n_seq_max']} personas")
             # The receipt records names, not the whole configuration. Every gate stands before it:
             # the quality gate, the smoke and the memory envelope (a variant over its tier's budget

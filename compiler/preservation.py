@@ -246,3 +246,30 @@ def _loose_missing(names: set) -> list[str]:
         if not any(n == required or (required.endswith(".") and n.startswith(required)) for n in names):
             missing.append(required + ("*" if required.endswith(".") else ""))
     return missing
+
+
+def mrope_sections(text_gguf: Path, folder: Path, where: str) -> list[int] | None:
+    """The text model's M-RoPE sections as converted must be the checkpoint's: they split each
+    image token's rotary dimensions over its time, row and column positions, and nothing in a
+    text-only check sees them wrong (text tokens carry one position in all three). The vision
+    tower's own 2D sections are compiled into mtmd (models/qwen3vl.cpp), not read from the GGUF.
+    Returns the sections, or None for a checkpoint without M-RoPE."""
+    from gguf import GGUFReader
+
+    config = json.loads((folder / "config.json").read_text())
+    text = config.get("text_config", config)
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    want = rope.get("mrope_section")
+    if not want:
+        return None
+    want = [int(v) for v in want] + [0] * (4 - len(want))
+    reader = GGUFReader(str(text_gguf))
+    arch_field = reader.fields["general.architecture"]
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    field = reader.fields.get(f"{arch}.rope.dimension_sections")
+    got = [int(field.parts[i][0]) for i in field.data] if field is not None else None
+    if got != want:
+        raise ForgeError("the text model's M-RoPE sections are not the checkpoint's: its image tokens would "
+                         "rotate by the wrong positions", where=f"{where}: {arch}.rope.dimension_sections",
+                         found=got if got is not None else "no such key", allowed=f"{want} (config.json mrope_section)")
+    return got

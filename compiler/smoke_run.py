@@ -1,9 +1,12 @@
 """The smoke checks, run in their own process on the pinned llama.cpp through llama-cpp-python.
 
-    python -m compiler.smoke_run TEXT.gguf MMPROJ.gguf PARAMS.json   -> one JSON report on stdout
+    python -m compiler.smoke_run TEXT.gguf MMPROJ.gguf PARAMS.json [REFERENCE_MMPROJ.gguf]
+                                                                     -> one JSON report on stdout
 
 - text: a greedy completion, twice: same tokens both times, every logit finite;
 - vision: each image of the generated suite through the projector (mtmd), then a greedy answer;
+  with a reference projector (the F32 conversion), the same items again through it beside the same
+  text model: the share of answers that stay the same is what the shipped projector type kept;
 - personas: n_seq_max prompts (some with images) in one context, each on its own sequence id,
   generated together one batch per step. Two checks:
     isolation -- for each sequence, the same batch again with every *other* prompt replaced by
@@ -28,6 +31,7 @@ import contextlib
 import ctypes
 import io
 import json
+import os
 import sys
 import time
 
@@ -77,12 +81,8 @@ class Session:
         mparams = mtmd_cpp.mtmd_context_params_default()
         mparams.use_gpu = self.on_gpu
         mparams.print_timings = False
-        clip_log: list[str] = []
-        with placement.stderr_captured(clip_log):
-            self.mctx = mtmd_cpp.mtmd_init_from_file(mmproj_path.encode(), self.model, mparams) if mmproj_path else None
-        sys.stderr.write("".join(clip_log))  # the loader's own words stay in the step's log
-        if mmproj_path and not self.mctx:
-            raise RuntimeError(f"the projector {mmproj_path} did not load: {''.join(clip_log)[-800:]}")
+        self.mparams = mparams
+        clip_log = self._load_projector(mmproj_path) if mmproj_path else []
         self.load_s = time.monotonic() - t0
         from .ggufcheck import read_layout
 
@@ -94,6 +94,24 @@ class Session:
         self.kv_unified = kv_unified
         self.finite = True
         self.timing = {"prompt_tokens": 0, "prompt_s": 0.0, "image_s": [], "gen_tokens": 0, "gen_s": 0.0}
+
+    def _load_projector(self, path: str) -> list[str]:
+        from . import placement
+
+        clip_log: list[str] = []
+        with placement.stderr_captured(clip_log):
+            self.mctx = self.mt.mtmd_init_from_file(path.encode(), self.model, self.mparams)
+        sys.stderr.write("".join(clip_log))  # the loader's own words stay in the step's log
+        if not self.mctx:
+            raise RuntimeError(f"the projector {path} did not load: {''.join(clip_log)[-800:]}")
+        return clip_log
+
+    def use_projector(self, path: str) -> None:
+        """Another projector beside the same text model (the reference one for the preservation
+        check): the current one is freed first, so two are never held at once."""
+        self.mt.mtmd_free(self.mctx)
+        self.mctx = None
+        self._load_projector(path)
 
     def clear(self):
         self.ll.llama_memory_clear(self.ll.llama_get_memory(self.ctx), True)
@@ -246,6 +264,7 @@ def main(argv: list[str]) -> int:
     from .vision_suite import suite
 
     text_path, mmproj_path, params = argv[0], argv[1], json.loads(open(argv[2]).read())
+    reference_path = argv[3] if len(argv) > 3 else None
     n_seq, n_gen = params["n_seq_max"], params["max_tokens"]
     s = Session(text_path, mmproj_path, params["n_ctx"], n_seq, params["n_batch"], params.get("kv_unified", True),
                 params.get("gpu", "auto"))
@@ -277,18 +296,37 @@ def main(argv: list[str]) -> int:
         n_items = params["vision_items"] if s.on_gpu else params.get("vision_items_cpu", params["vision_items"])
         items = suite(params["image_px"])[:n_items]
         suite_name = "full" if n_items >= params["vision_items"] else f"first {n_items} (CPU)"
-    answers = []
-    for item in items:
-        s.clear()
-        n_past, first = s.prefill(0, chat(item["question"], True), png(item["image"]))
-        st = [[0, n_past, [first]]]
-        s.generate(st, n_gen)
-        said = s.piece(st[0][2])
-        answers.append({"id": item["id"], "question": item["question"], "answer": said,
+    def answer(items) -> list[dict]:
+        out = []
+        for item in items:
+            s.clear()
+            n_past, first = s.prefill(0, chat(item["question"], True), png(item["image"]))
+            st = [[0, n_past, [first]]]
+            s.generate(st, n_gen)
+            said = s.piece(st[0][2])
+            out.append({"id": item["id"], "question": item["question"], "answer": said,
                         "accepted": item["accepted"],
                         "correct": any(a.lower() in said.lower() for a in item["accepted"])})
+        return out
+
+    answers = answer(items)
     report["vision"] = {"items": answers, "score": sum(a["correct"] for a in answers) / max(len(answers), 1),
                         "suite": suite_name}
+    if reference_path:
+        # The same items through the reference (F32) projector beside the same text model: what the
+        # shipped projector type changed is the answers that differ. Its timings are not the
+        # shipped pair's, so they are set aside.
+        timing = {k: (list(v) if isinstance(v, list) else v) for k, v in s.timing.items()}
+        s.use_projector(reference_path)
+        ref = answer(items)
+        s.use_projector(mmproj_path)
+        s.timing = timing
+        same = [a["answer"] == r["answer"] for a, r in zip(answers, ref)]
+        report["vision"]["reference"] = {
+            "projector": os.path.basename(reference_path), "answers": [r["answer"] for r in ref],
+            "score": sum(r["correct"] for r in ref) / max(len(ref), 1),
+            "agreement": sum(same) / max(len(same), 1),
+            "differ": [a["id"] for a, ok in zip(answers, same) if not ok]}
 
     # personas: n_seq prompts, every other one with an image, together and alone
     from PIL import ImageOps

@@ -8,7 +8,7 @@ from .errors import ForgeError
 from .store import Entry
 from .toolchain import TOOLS, build_manifest, build_ready
 
-TOOL_KINDS = {"quantize", "mmproj-quantize", "imatrix", "kld-base", "gate", "receipt"}
+TOOL_KINDS = {"quantize", "mmproj-quantize", "imatrix", "kld-base", "kld-q8", "gate", "receipt"}
 
 
 def _guarded(fn, *args):

@@ -54,7 +54,7 @@ def refused(overrides: list[str], tier: str = "m4", quant: str = "q4_k_m") -> st
 
 @pytest.mark.parametrize("override, allowed", [
     ("tier.memory.gpu_working_set_fraction=1.5", "a number > 0 and <= 1"),
-    ("quant.gate.min_top1_agreement=1.2", "a number > 0 and <= 1"),
+    ("quant.gate.max_top_miss_x_q8=0", "a number > 0"),
     ("tier.cache_type_k=q5_1", "one of f32, f16, bf16, q8_0, q4_0"),
     ("tier.cache_type_v=F16", "one of f32, f16, bf16, q8_0, q4_0"),
     ("tier.budget.model_max_gb=0", "a number > 0"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -78,16 +79,16 @@ def test_gate_ranks_quants_and_records_figures_in_the_receipt(ladder):
     assert iq2["mean_kld"] > q8["mean_kld"]
     assert q8["top1_agreement"] > q2["top1_agreement"]
     # ppl_base: the reference's perplexity on the text, which says whether the ratio was gated.
-    assert set(q8) == {"mean_kld", "p99_kld", "top1_agreement", "ppl_ratio", "ppl_base"}
+    assert set(q8) == {"mean_kld", "p99_kld", "p999_kld", "top1_agreement", "ppl_ratio", "ppl_base"}
     assert q8["ppl_base"] == q2["ppl_base"] > 1
 
 
 def test_a_threshold_below_the_measured_kld_fails_the_variant_with_its_table(ladder):
-    run = ladder.doit("alloy=ladder", "quant=q8_0", "quant.gate.max_mean_kld=0.0000001")
+    run = ladder.doit("alloy=ladder", "quant=q8_0", "quant.gate.max_mean_kld_x_q8=0.5")
     assert run.proc.returncode != 0
-    assert "quality gate failed" in run.out
-    assert "mean KLD" in run.out and "FAIL" in run.out and "<= 1e-07" in run.out
-    assert not ladder.variant("ladder@q8_0,quant.gate.max_mean_kld-0.0000001").exists()
+    assert "quality gate failed" in run.out and "relative to the source's own Q8_0" in run.out
+    assert re.search(r"mean KLD .* 0\.5 x Q8_0 .* FAIL", run.out), run.out[-2000:]
+    assert not ladder.variant("ladder@q8_0,quant.gate.max_mean_kld_x_q8-0.5").exists()
 
 
 def test_projector_can_ship_as_q8_0(ladder):

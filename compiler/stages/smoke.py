@@ -19,10 +19,15 @@ def run(step, out, inputs, log, ctx):
     preservation.check(tower, proj, where=f"{step.task}: {mmproj.name}")
     log(f"vision preserved: {tower['tensors']} tower tensors ({tower['bytes'] / 2**20:.1f} MiB) -> "
         f"{proj['tensors']} projector tensors ({proj['bytes'] / 2**20:.1f} MiB)")
+    sections = preservation.mrope_sections(text, checkpoint_dir(inputs["source"]), where=f"{step.task}: {text.name}")
+    if sections:
+        log(f"M-RoPE sections of the text model as the checkpoint's: {sections}")
     params = out.path("smoke-params.json")
     params.write_text(json.dumps(p["run"]))
     try:
-        report = run_json(["compiler.smoke_run", text, mmproj, params], log, "the smoke run crashed", str(text))
+        reference = [inputs["reference_mmproj"].output()] if "reference_mmproj" in inputs else []
+        report = run_json(["compiler.smoke_run", text, mmproj, params, *reference], log, "the smoke run crashed",
+                          str(text))
     finally:
         params.unlink()
     # The report keeps the counts and hashes; the per-tensor tables were for the check above.
@@ -34,6 +39,10 @@ def run(step, out, inputs, log, ctx):
         f"{'finite' if t['logits_finite'] else 'NOT finite'}")
     log(f"vision: {len(v['items'])} images answered ({v['suite']}), score {v['score']:.2f} "
         f"({'gated at ' + str(p['min_vision_score']) if v['gated'] else 'random weights: reported, not gated'})")
+    if v.get("reference"):
+        r = v["reference"]
+        log(f"projector preservation: {r['agreement']:.2f} of the answers as the F32 projector's {r['projector']} "
+            f"(its score {r['score']:.2f}; {'gated at ' + str(r['min_agreement']) if r['gated'] else 'reported'})")
     log(f"personas: {pers['n_seq_max']} sequences (kv_unified {pers['kv_unified']}): isolated {pers['isolated']}, "
         f"equal alone {pers['equal_alone']} ({'gated' if pers['alone_gated'] else 'reported, not gated'}), "
         f"largest logit difference from alone {pers['max_logit_diff']}")
@@ -88,5 +97,13 @@ def judge(report: dict, p: dict) -> list[str]:
         right = sum(a["correct"] for a in v["items"])
         problems.append(f"vision score {v['score']:.2f} below {p['min_vision_score']} ({right} of {len(v['items'])} "
                         f"answered right, {v['suite']} suite)")
+    ref = v.get("reference")
+    if ref is not None:
+        ref["min_agreement"] = p["min_projector_agreement"]
+        ref["gated"] = gated
+        if gated and ref["agreement"] < p["min_projector_agreement"]:
+            problems.append(f"the shipped projector answers {ref['agreement']:.2f} of the suite as the F32 reference "
+                            f"projector does, below {p['min_projector_agreement']} (differ: {', '.join(ref['differ'][:8])}"
+                            f"{' ...' if len(ref['differ']) > 8 else ''})")
     report["passed"] = not problems
     return problems
