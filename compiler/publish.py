@@ -95,9 +95,17 @@ def _variant_sections(c: Checked, multi: bool) -> list[str]:
               "| check | figures | result |", "| --- | --- | --- |"]
     if kld:
         m = kld["metrics"]
+        bound = {k: next(iter(v.values())) for k, v in kld.get("thresholds", {}).items()}
+
+        def limit(name, spec):
+            v = bound.get(name)
+            return format(v, spec) if isinstance(v, (int, float)) else "-"
         lines.append(f"| KL divergence vs {cfg['convert']['outtype'].upper()} on {kld['dataset']} ({kld['chunks']} x "
-                     f"{kld['ctx']} tokens) | mean {m['mean_kld']}, p99 {m['p99_kld']}, top-1 agreement "
-                     f"{m['top1_agreement']:.4f}, perplexity ratio {m['ppl_ratio']} | {'pass' if kld['passed'] else 'FAIL'} |")
+                     f"{kld['ctx']} tokens), limits from the source's own static Q8_0 | mean {m['mean_kld']} "
+                     f"(<= {limit('mean_kld', '.4g')}), p99.9 {m.get('p999_kld', '-')} "
+                     f"(<= {limit('p999_kld', '.4g')}), top-1 agreement {m['top1_agreement']:.4f} "
+                     f"(>= {limit('top1_agreement', '.4f')}), perplexity ratio {m['ppl_ratio']} | "
+                     f"{'pass' if kld['passed'] else 'FAIL'} |")
     if "vision-suite" in bench:
         vs = bench["vision-suite"]
         lines.append(f"| vision suite (generated images) | score {vs['metrics']['score']:.2f} over {vs['metrics']['items']} "
