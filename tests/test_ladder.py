@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from compiler import config
 from conftest import ROOT, Workspace, assert_ok
 
 pytestmark = pytest.mark.build
@@ -70,6 +71,23 @@ def test_a_further_quant_reuses_the_imatrix(ladder):
     assert_ok(run)
     assert "imatrix:qwen3.5-tiny-seeing" in run.skipped
     assert "quantize:ladder@iq3_xxs" in run.executed
+
+
+def test_a_shipped_static_q8_0_is_the_gates_yardstick(ladder):
+    """The gate's yardstick (the source's static Q8_0, stages/gate.py) is the shipped Q8_0's own
+    quantize step, and its gate reads the yardstick's figures instead of a second pass."""
+    ran = ladder.first_run.executed
+    assert "quantize:ladder@q8_0" in ran and not any("yardstick" in t for t in ran), sorted(ran)
+    assert "kld-q8:qwen3.5-tiny-seeing" in ran
+    assert "Q8_0 is the source's static Q8_0: its figures are the yardstick's" in ladder.first_run.out
+    q8 = gate_figures(ladder, "ladder@q8_0")
+    yardstick = json.loads(next((ladder.build / "store" / "kld-q8").glob("*/q8.json")).read_text())["figures"]
+    assert q8 == yardstick
+    # Every other variant is judged against those figures.
+    receipt = json.loads((ladder.variant("ladder@q2_k") / "ladder.alloy.json").read_text())
+    limits = receipt["results"]["benchmarks"][0]["thresholds"]
+    factor = config.compose("m4", "q2_k", [])["quant"]["gate"]["max_mean_kld_x_q8"]
+    assert limits["mean_kld"]["max"] == pytest.approx(factor * max(yardstick["mean_kld"], 1e-4))
 
 
 def test_gate_ranks_quants_and_records_figures_in_the_receipt(ladder):
