@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .alloy import Alloy
 from .config import compose, resolve_quant
@@ -197,14 +197,36 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
     by_key: dict[tuple, Step] = {}
     variants = []
 
+    provisional: set[str] = set()  # tasks named for the plan's own use, renamed if a variant ships them
+
+    def rename(old: str, new: str) -> None:
+        for name, s in list(steps.items()):
+            if name == old or any(t == old for _, t in s.inputs) or old in s.after:
+                s2 = replace(s, task=new if name == old else s.task,
+                             inputs=tuple((r, new if t == old else t) for r, t in s.inputs),
+                             after=tuple(new if t == old else t for t in s.after))
+                del steps[name]
+                steps[s2.task] = s2
+                by_key[(s2.kind, s2.key)] = s2
+
     def add(basename: str, label: str, kind: str, params: dict, inputs: list, fp: str | None, doc: str,
-            runtime: dict | None = None, after: list | None = None) -> Step:
+            runtime: dict | None = None, after: list | None = None, own: bool = False) -> Step:
+        """`own`: a step the plan adds for its own use (the gate's yardstick); where a variant's
+        step is the same, the variant's name and words win, whichever came first."""
         if fp is not None:
             fp = fingerprints[FINGERPRINT_OF[kind]]
         if fp is not None and code and kind in code:
             fp = f"{fp}+{code[kind]}"
         key = content_key(kind, params, [s.key for _, s in inputs], fp)
         if (kind, key) in by_key:
+            existing = by_key[(kind, key)]
+            if existing.task in provisional and not own and f"{basename}:{label}" not in steps:
+                provisional.discard(existing.task)
+                rename(existing.task, f"{basename}:{label}")
+                merged = by_key[(kind, key)]
+                renamed = replace(merged, doc=doc,
+                                  after=merged.after + tuple(s.task for s in after or [] if s.task not in merged.after))
+                steps[renamed.task] = by_key[(kind, key)] = renamed
             return by_key[(kind, key)]
         task = f"{basename}:{label}"
         if task in steps:  # same label, different content: keep both, told apart by key
@@ -214,6 +236,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                     after=tuple(s.task for s in after or []))
         steps[task] = step
         by_key[(kind, key)] = step
+        if own:
+            provisional.add(task)
         return step
 
     quant_override = next((o.split("=", 1)[1] for o in overrides if o.startswith("quant=")), None)
@@ -293,7 +317,7 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             q8 = add("quantize", f"{src_label}@q8_0-yardstick", "quantize",
                      {"llama_type": "Q8_0", "output_type": None, "token_embedding_type": None, "tensor_types": [],
                       "imatrix": None}, [("model", convert)], toolchain,
-                     f"quantize {model_name} to a static Q8_0, the gate's yardstick", after=[validate])
+                     f"quantize {model_name} to a static Q8_0, the gate's yardstick", after=[validate], own=True)
             kld_q8 = add("kld-q8", src_label, "kld-q8", heldout, [("model", q8), ("base", kld_base)], toolchain,
                          f"{model_name}'s static Q8_0 against the reference on {g['heldout'].split('/')[-1]}")
             gate = add("gate", vid, "gate", {**heldout, "thresholds": q["gate"], "label": q["label"],
