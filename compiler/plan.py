@@ -44,6 +44,9 @@ class Step:
     # Tasks that must succeed first without their keys entering this one's (the weight checks
     # before quantize: a change to a check must not re-quantize).
     after: tuple = ()
+    # A step the plan adds for its own use that a variant's step of the same key also makes: that
+    # task owns the store entry (doit's target); this one runs after it and finds the entry there.
+    shared_with: str = ""
 
     @property
     def basename(self) -> str:
@@ -197,47 +200,35 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
     by_key: dict[tuple, Step] = {}
     variants = []
 
-    provisional: set[str] = set()  # tasks named for the plan's own use, renamed if a variant ships them
-
-    def rename(old: str, new: str) -> None:
-        for name, s in list(steps.items()):
-            if name == old or any(t == old for _, t in s.inputs) or old in s.after:
-                s2 = replace(s, task=new if name == old else s.task,
-                             inputs=tuple((r, new if t == old else t) for r, t in s.inputs),
-                             after=tuple(new if t == old else t for t in s.after))
-                del steps[name]
-                steps[s2.task] = s2
-                by_key[(s2.kind, s2.key)] = s2
+    # Steps the plan adds for its own use (the gate's yardstick), apart from the variants': their
+    # task names stay the same whichever alloys are selected, so a selection never renames a
+    # step doit has a record of. Where a variant's step has the same key, both name one store
+    # entry, and the plan's runs after the variant's (finding it in the store, never racing it).
+    own_by_key: dict[tuple, Step] = {}
 
     def add(basename: str, label: str, kind: str, params: dict, inputs: list, fp: str | None, doc: str,
             runtime: dict | None = None, after: list | None = None, own: bool = False) -> Step:
-        """`own`: a step the plan adds for its own use (the gate's yardstick); where a variant's
-        step is the same, the variant's name and words win, whichever came first."""
         if fp is not None:
             fp = fingerprints[FINGERPRINT_OF[kind]]
         if fp is not None and code and kind in code:
             fp = f"{fp}+{code[kind]}"
         key = content_key(kind, params, [s.key for _, s in inputs], fp)
-        if (kind, key) in by_key:
-            existing = by_key[(kind, key)]
-            if existing.task in provisional and not own and f"{basename}:{label}" not in steps:
-                provisional.discard(existing.task)
-                rename(existing.task, f"{basename}:{label}")
-                merged = by_key[(kind, key)]
-                renamed = replace(merged, doc=doc,
-                                  after=merged.after + tuple(s.task for s in after or [] if s.task not in merged.after))
-                steps[renamed.task] = by_key[(kind, key)] = renamed
-            return by_key[(kind, key)]
+        table, other = (own_by_key, by_key) if own else (by_key, own_by_key)
+        if (kind, key) in table:
+            return table[(kind, key)]
         task = f"{basename}:{label}"
         if task in steps:  # same label, different content: keep both, told apart by key
             task = f"{basename}:{label}~{key[:8]}"
         step = Step(task=task, kind=kind, key=key, params=params,
                     inputs=tuple((role, s.task) for role, s in inputs), doc=doc, runtime=runtime or {},
                     after=tuple(s.task for s in after or []))
+        if own and (kind, key) in other:
+            step = replace(step, after=step.after + (other[(kind, key)].task,), shared_with=other[(kind, key)].task)
+        elif (kind, key) in other:
+            mine = other[(kind, key)]
+            other[(kind, key)] = steps[mine.task] = replace(mine, after=mine.after + (task,), shared_with=task)
         steps[task] = step
-        by_key[(kind, key)] = step
-        if own:
-            provisional.add(task)
+        table[(kind, key)] = step
         return step
 
     quant_override = next((o.split("=", 1)[1] for o in overrides if o.startswith("quant=")), None)

@@ -52,7 +52,9 @@ def step_task(plan, step) -> dict:
         "doc": step.doc,
         "actions": [(_guarded, [execute.run_step, plan, step.task])],
         "file_dep": deps,
-        "targets": [str(out.manifest_path)],
+        # One task owns each store entry (doit allows one task per target); a plan's own step that
+        # a variant's step also makes (plan.Step.shared_with) runs after it and finds it there.
+        "targets": [] if step.shared_with else [str(out.manifest_path)],
         "uptodate": uptodate,
         "verbosity": 2,
     }
