@@ -45,7 +45,8 @@ class Step:
     # before quantize: a change to a check must not re-quantize).
     after: tuple = ()
     # A step the plan adds for its own use that a variant's step of the same key also makes: that
-    # task owns the store entry (doit's target); this one runs after it and finds the entry there.
+    # task owns the store entry (doit's target); this one runs after it (a doit task_dep, which
+    # leaves its file_dep the same whichever alloys are selected) and finds the entry there.
     shared_with: str = ""
 
     @property
@@ -223,10 +224,10 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                     inputs=tuple((role, s.task) for role, s in inputs), doc=doc, runtime=runtime or {},
                     after=tuple(s.task for s in after or []))
         if own and (kind, key) in other:
-            step = replace(step, after=step.after + (other[(kind, key)].task,), shared_with=other[(kind, key)].task)
+            step = replace(step, shared_with=other[(kind, key)].task)
         elif (kind, key) in other:
             mine = other[(kind, key)]
-            other[(kind, key)] = steps[mine.task] = replace(mine, after=mine.after + (task,), shared_with=task)
+            other[(kind, key)] = steps[mine.task] = replace(mine, shared_with=task)
         steps[task] = step
         table[(kind, key)] = step
         return step

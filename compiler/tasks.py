@@ -55,6 +55,7 @@ def step_task(plan, step) -> dict:
         # One task owns each store entry (doit allows one task per target); a plan's own step that
         # a variant's step also makes (plan.Step.shared_with) runs after it and finds it there.
         "targets": [] if step.shared_with else [str(out.manifest_path)],
+        "task_dep": [step.shared_with] if step.shared_with else [],
         "uptodate": uptodate,
         "verbosity": 2,
     }
