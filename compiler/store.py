@@ -45,10 +45,18 @@ class StatCache:
     def __init__(self, path: Path):
         self.path = path
         self.dirty = False
+        # What this process learnt since it read the file: a save merges only these into what is
+        # on disk then, so a process that read the cache early (doit's parent, checking a task's
+        # entry at the end of a run) never drops what another one (the child running the steps,
+        # a second doit on the same build dir) saved meanwhile.
+        self.learnt: set[str] = set()
+        self.entries = self._read()
+
+    def _read(self) -> dict:
         try:
-            self.entries = json.loads(path.read_text())
+            return json.loads(self.path.read_text())
         except (OSError, ValueError):
-            self.entries = {}
+            return {}
 
     def sha256(self, file: Path) -> str:
         file = Path(file)
@@ -63,12 +71,15 @@ class StatCache:
         digest = sha256_file(file)
         with _lock:
             self.entries[key] = _stat_key(st) + [digest]
+            self.learnt.add(key)
             self.dirty = True
         return digest
 
     def remember(self, file: Path, digest: str) -> None:
         with _lock:
-            self.entries[str(Path(file).resolve())] = _stat_key(Path(file).stat()) + [digest]
+            key = str(Path(file).resolve())
+            self.entries[key] = _stat_key(Path(file).stat()) + [digest]
+            self.learnt.add(key)
             self.dirty = True
 
     def save(self) -> None:
@@ -78,9 +89,13 @@ class StatCache:
             if not self.dirty or not self.path.parent.parent.is_dir():
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            merged = self._read()
+            merged.update({k: self.entries[k] for k in self.learnt})
+            self.entries = merged
             tmp = self.path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-            tmp.write_text(json.dumps(self.entries, sort_keys=True))
+            tmp.write_text(json.dumps(merged, sort_keys=True))
             os.replace(tmp, self.path)
+            self.learnt.clear()
             self.dirty = False
 
 
