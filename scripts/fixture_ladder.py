@@ -54,6 +54,15 @@ JSON = ROOT / "docs" / "fixture-ladder.json"
 MD = ROOT / "docs" / "fixture-ladder.md"
 
 
+class Quiet:
+    """What stages/kld.compare needs of a step's log: run the command, give back what it printed."""
+
+    @staticmethod
+    def run(cmd: list, what: str, cwd=None) -> str:
+        out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd)
+        return out.stdout + out.stderr
+
+
 def store(kind: str, key: str) -> Path:
     return ROOT / "build" / "store" / kind / key
 
@@ -94,10 +103,7 @@ def measure() -> dict:
             t0 = time.monotonic()
             subprocess.run(cmd, capture_output=True, check=True)
             secs = time.monotonic() - t0
-            out = subprocess.run([str(kld_stage.tool("llama-perplexity")), "-m", str(model), "--kl-divergence-base",
-                                  str(base), "--kl-divergence", "-c", str(gate["ctx"]), "--chunks", str(gate["chunks"]),
-                                  "-t", "2"], capture_output=True, text=True)
-            figures = kld_stage.parse(out.stdout + out.stderr)
+            figures = kld_stage.compare(Quiet, str(model), str(base), {**gate, "file": gate["heldout"]}, label)
             smoke = subprocess.run([sys.executable, "-m", "compiler.smoke_run", str(model), str(mmproj), str(params)],
                                    capture_output=True, text=True, cwd=ROOT)
             score = json.loads(smoke.stdout.strip().splitlines()[-1])["vision"]["score"]
