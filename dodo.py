@@ -5,6 +5,7 @@
     doit tier=air quant=iq3     the air alloys, overridden to IQ3_M
     doit verify alloy=demo      rebuild what the lock records in a fresh build dir, compare bytes
     doit verify only=demo keep=1    one locked variant; keep the fresh build dir
+    doit verify rebuilt=<dir>   compare with a rebuild an earlier verify kept, without rebuilding
     doit publish alloy=demo     stage the repo folder, print what would be uploaded (push=1 uploads)
     doit check-cache            hash every artifact in build/store against its manifest
     doit list --all --status    the graph and what is stale
@@ -21,9 +22,9 @@ from compiler.tasks import build_task_names, check_cache_task, publish_task, tas
 
 build_dir().mkdir(parents=True, exist_ok=True)
 CLI_VARS = dict(doit_cmd._CMDLINE_VARS or {})
-# Options of verify (only=<variant ids>, keep=1), publish (push=1) and the lock (lock=1: record
+# Options of verify (only=<variant ids>, keep=1, rebuilt=<kept dir>), publish (push=1) and the lock (lock=1: record
 # command-line experiments in the committed lock), not configuration overrides.
-TASK_OPTIONS = ("only", "keep", "push", "lock")
+TASK_OPTIONS = ("only", "keep", "rebuilt", "push", "lock")
 
 try:
     PLAN = compile_graph({k: v for k, v in CLI_VARS.items() if k not in TASK_OPTIONS})

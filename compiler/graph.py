@@ -17,7 +17,7 @@ from .store import stat_cache
 from .toolchain import fingerprints
 
 
-GENERATOR_CODE = ("synthetic.py", "train.py", "fixture_data.py", "gated_delta.py")
+GENERATOR_CODE = ("synthetic.py", "train.py", "kernels.py", "fixture_data.py", "gated_delta.py")
 
 
 def source_ids(alloys, pins: dict | None = None) -> dict:

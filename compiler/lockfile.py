@@ -31,7 +31,27 @@ def experiments_path() -> Path:
     return build_dir() / "experiments.lock.json"
 
 
+def platform_class(variant) -> str | None:
+    """The CPU kernel class a trained source's bytes belong to (None for any other source)."""
+    return variant.steps["source"].params.get("train", {}).get("platformClass")
+
+
+def committed_class_elsewhere(variant) -> str | None:
+    """The platform class the committed lock records this variant for, where it is another than the
+    one this machine trains: those hashes are no reference here, and this build must not replace them."""
+    here = platform_class(variant)
+    if here is None:
+        return None
+    try:
+        there = read(lock_path())["variants"].get(variant.id, {}).get("source", {}).get("platformClass")
+    except (OSError, ValueError, ForgeError):
+        return None
+    return there if there and there != here else None
+
+
 def path_for(variant, record_experiments: bool = False) -> Path:
+    if committed_class_elsewhere(variant):
+        return experiments_path()
     return lock_path() if is_declared(variant) or record_experiments else experiments_path()
 
 
@@ -122,7 +142,7 @@ def entry_for(plan, variant) -> dict:
         "quant": variant.llama_type,
         "source": {"kind": src_step.kind, "baseModel": alloy.source["baseModel"],
                    "revision": alloy.source["revision"], "resolvedRevision": src.get("resolvedRevision"),
-                   "files": files},
+                   "files": files, **({"platformClass": platform_class(variant)} if platform_class(variant) else {})},
         "toolchain": {"fingerprint": plan.toolchain, **fingerprint_parts()},
         "keys": {role: s.key for role, s in variant.steps.items() if role != "envelope"},
         "outputs": results["integrity"]["fileHashes"],

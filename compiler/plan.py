@@ -116,7 +116,11 @@ def source_params(alloy: Alloy, source_ids: dict) -> tuple[str, dict, bool, dict
         params = {"shape": shape, "seed": src["synthetic"]["seed"], "generator": source_ids["synthetic-generator"],
                   "baseModel": src["baseModel"]}
         if "train" in src["synthetic"]:
-            params["train"] = {"steps": src["synthetic"]["train"]["steps"]}
+            from .kernels import platform_class
+
+            # Trained bytes hold within one CPU kernel class (compiler/kernels.py): in the key, so a
+            # machine of another class builds its own source and never takes or records this one's.
+            params["train"] = {"steps": src["synthetic"]["train"]["steps"], "platformClass": platform_class()}
         return "synthetic", params, True, {}
     if "localPath" in src:
         local = source_ids[alloy.name]

@@ -72,7 +72,12 @@ def lock_task(plan, variant, record_experiments: bool = False) -> dict:
     def write_lock():
         path, changed = lockfile.update(plan, [variant], record_experiments)
         print(f"  lock:{variant.id}: {'updated' if changed else 'unchanged'} in {path}")
-        if path != lockfile.lock_path():
+        elsewhere = lockfile.committed_class_elsewhere(variant)
+        if elsewhere:
+            print(f"  lock:{variant.id}: the committed lock holds {elsewhere}'s hashes for {variant.id}; this machine "
+                  f"trains {lockfile.platform_class(variant)}'s fixture: recorded under build/, the committed lock "
+                  f"left as it is (`doit verify` here has no reference for this class)")
+        elif path != lockfile.lock_path():
             print(f"  lock:{variant.id}: an experiment (overrides {', '.join(variant.overrides)}): recorded under "
                   f"build/, not in the committed lock (declare it in the alloy, or pass lock=1)")
         for line in execute.describe(plan, variant):
@@ -131,6 +136,10 @@ def verify_task(cli_vars: dict) -> dict:
                               keep=cli_vars.get("keep", "") not in ("", "0", "false"))
         except ForgeError as e:
             return TaskFailed(str(e))
+        if code == verify.NO_REFERENCE:
+            # Its own exit status (not doit's 1 for a failed task): nothing was found different, and
+            # nothing could be claimed identical either.
+            raise SystemExit(code)
         return None if code == 0 else TaskFailed("verify: the rebuild differs from the lock (report above)")
 
     return {"basename": "verify", "doc": "rebuild the locked variants (alloy=/tier= to choose) in a fresh "

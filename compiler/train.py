@@ -23,21 +23,22 @@ How it fits in minutes:
   solve; compiler/gated_delta.py replaces it with an exact inverse built from matrix products.
 
 Same bytes: a fixed seed, 2 threads whatever the machine, torch's deterministic algorithms, and
-the CPU kernels pinned below (PINNED_ENV) so that a machine with AVX-512 runs the AVX2 code paths
-any x86-64-v3 machine runs. They must be set before torch is imported, so the forge always runs
-this module as its own process (stages/source.py); train() refuses to run with other kernels.
+the CPU kernels of the machine's class pinned (compiler/kernels.py: a machine with AVX-512 runs the
+AVX2 code paths any x86-64-v3 machine runs; one without AVX2, or an arm64 one, torch's default
+kernels). They must be set before torch is imported, so the forge always runs this module as its
+own process (stages/source.py); train() refuses to run with kernels other than the ones asked for.
+The bytes hold within a class; the lock records the class its hashes are for.
 """
 from __future__ import annotations
 
 import os
+import sys
 
-# torch's vectorised kernels, MKL's BLAS branch and oneDNN's ISA, pinned to AVX2; 2 threads.
-PINNED_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-              "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
-THREADS = 2
+from .kernels import THREADS, TORCH_CAPABILITY, pinned_env
 
 if __name__ == "__main__":
-    os.environ.update(PINNED_ENV)
+    _k = sys.argv[sys.argv.index("--kernels") + 1] if "--kernels" in sys.argv else None
+    os.environ.update(pinned_env(_k))
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -196,14 +197,15 @@ def build_tokenizer(tmp: Path):
     return AutoTokenizer.from_pretrained(str(tmp))
 
 
-def train(out_dir, shape: dict, seed: int, hyper: dict | None = None, log=print) -> list[str]:
-    """Train from `seed` and write the checkpoint into out_dir; returns the files written."""
+def train(out_dir, shape: dict, seed: int, hyper: dict | None = None, log=print, kernels: str = "avx2") -> list[str]:
+    """Train from `seed` with torch's `kernels` (compiler/kernels.py) and write the checkpoint into
+    out_dir; returns the files written."""
     from transformers import Qwen3_5ForConditionalGeneration
 
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability != PINNED_ENV["ATEN_CPU_CAPABILITY"].upper():
-        raise RuntimeError(f"torch runs its {capability} kernels here: the fixture's bytes need the pinned ones "
-                           f"(run `python -m compiler.train`, which sets {PINNED_ENV})")
+    if capability != TORCH_CAPABILITY[kernels]:
+        raise RuntimeError(f"torch runs its {capability} kernels here: the fixture's bytes need the pinned {kernels} ones "
+                           f"(run `python -m compiler.train --kernels {kernels}`, which sets {pinned_env(kernels)})")
     hp = dict(HYPER, **(hyper or {}))
     gated_delta.install()
     t_start = time.monotonic()
@@ -307,14 +309,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--shape-json", help="the shape itself, as JSON (what the forge passes)")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--steps", type=int, default=HYPER["steps"])
+    ap.add_argument("--kernels", choices=sorted(TORCH_CAPABILITY), default=None,
+                    help="torch's CPU kernels (compiler/kernels.py); default: this machine's class")
     a = ap.parse_args(argv)
     shape = json.loads(a.shape_json) if a.shape_json else load_shape(a.shape)
-    files = train(a.out, shape, a.seed, {"steps": a.steps}, log=lambda m: print(m, flush=True))
+    from .kernels import kernels as this_machine
+
+    files = train(a.out, shape, a.seed, {"steps": a.steps}, log=lambda m: print(m, flush=True),
+                  kernels=a.kernels or this_machine())
     print(json.dumps({"files": files}))
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     raise SystemExit(main(sys.argv[1:]))

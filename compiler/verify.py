@@ -27,16 +27,19 @@ from .toolchain import fingerprint_parts
 # The steps whose keys decide an output's bytes (gate, smoke and receipt keys may change without
 # touching a byte, so they say nothing about a mismatch).
 _SHAPING_ROLES = ("source", "convert", "imatrix", "quantize", "projector")
+# Exit status of a verify whose every variant's lock was written on another platform class.
+NO_REFERENCE = 3
 
 
 def selected(lock: dict, cli_vars: dict) -> list[str]:
     """Lock variant ids matching `only=` (variant ids), `alloy=` and `tier=`."""
     if not lock["variants"]:
         raise ForgeError("the lock records no variants: build and lock them first with `doit`", where=str(lock_path()))
-    unknown = sorted(set(cli_vars) - {"only", "alloy", "tier"})
+    unknown = sorted(set(cli_vars) - {"only", "alloy", "tier", "rebuilt"})
     if unknown:
         raise ForgeError("verify chooses locked variants by only=, alloy= and tier= alone", where="doit verify",
-                         found=unknown, allowed=["only=<variant ids>", "alloy=<names>", "tier=<tier>"])
+                         found=unknown, allowed=["only=<variant ids>", "alloy=<names>", "tier=<tier>",
+                                                 "rebuilt=<a rebuild dir verify kept>"])
     ids = []
     only = set(cli_vars["only"].split(",")) if cli_vars.get("only") else None
     if only and only - set(lock["variants"]):
@@ -101,6 +104,13 @@ def verify_variant(vid: str, entry: dict, fresh: Path, log) -> dict:
                               if role in _SHAPING_ROLES and role in entry["keys"] and entry["keys"][role] != s.key]
     current_tc = {"fingerprint": plan.toolchain, **fingerprint_parts()}
     report["toolchain_changed"] = _toolchain_diff(entry["toolchain"], current_tc)
+    # A trained source's bytes (and so every output's) hold within one CPU kernel class: a lock
+    # written on another class is no reference for them here (compiler/kernels.py).
+    from .lockfile import platform_class
+
+    here, there = platform_class(variant), entry["source"].get("platformClass")
+    if here and there and here != there:
+        report["no_reference"] = {"lock": there, "here": here}
 
     # The projector step is the converted projector or, for a quantized one, its mmproj-quantize step.
     makers = [variant.steps[r] for r in ("quantize", "projector") if r in variant.steps]
@@ -124,7 +134,15 @@ def verify_variant(vid: str, entry: dict, fresh: Path, log) -> dict:
     if "files" in src_manifest and src_manifest["files"]:
         got = {f["filename"]: f["sha256"] for f in src_manifest["files"]}
         want = {f["filename"]: f["sha256"] for f in entry["source"]["files"]}
-        report["source_changed"] = sorted(n for n in set(got) | set(want) if got.get(n) != want.get(n))
+        names = set(got) | set(want)
+        if report.get("no_reference"):
+            # The weights are the training's, and so the class's; config, tokenizer and template
+            # files are written the same on every class and are compared.
+            weights = {n for n in names if n.endswith(".safetensors")}
+            report["not_compared"] = sorted(weights)
+            names -= weights
+            report["source_compared"] = sorted(n for n in names if got.get(n) == want.get(n))
+        report["source_changed"] = sorted(n for n in names if got.get(n) != want.get(n))
 
     by_name = {variant.text_filename: variant.steps["quantize"]}
     if variant.mmproj_filename:
@@ -132,6 +150,12 @@ def verify_variant(vid: str, entry: dict, fresh: Path, log) -> dict:
     for out in entry["outputs"]:
         step = by_name.get(out["filename"])
         row = {"file": out["filename"], "lock_sha256": out["sha256"], "lock_size": out["size"]}
+        if report.get("no_reference"):
+            m = _manifest(fresh / "store", step.kind, step.key) if step else None
+            row.update(matches=None, compared=False, rebuilt_sha256=m["files"][0]["sha256"] if m else None)
+            report.setdefault("not_compared", []).append(out["filename"])
+            report["files"].append(row)
+            continue
         m = _manifest(fresh / "store", step.kind, step.key) if step else None
         if not m:
             row.update(matches=False, problem="the rebuild made no such file")
@@ -145,14 +169,25 @@ def verify_variant(vid: str, entry: dict, fresh: Path, log) -> dict:
             if ref is not None:
                 row["tensor_report"] = ggufdiff.compare(ref, fresh / "store" / step.kind / step.key / made["filename"])
         report["files"].append(row)
-    report["passed"] = bool(report["files"]) and all(f["matches"] for f in report["files"])
+    report["passed"] = (not report.get("no_reference") and bool(report["files"])
+                        and all(f["matches"] for f in report["files"]))
     return report
 
 
 def explain(report: dict) -> list[str]:
     """The report as lines a person reads top to bottom: verdict, files, then why."""
-    lines = [f"{report['variant']}: {'VERIFIED' if report['passed'] else 'MISMATCH'}"
+    verdict = "VERIFIED" if report["passed"] else "NO REFERENCE" if report.get("no_reference") else "MISMATCH"
+    lines = [f"{report['variant']}: {verdict}"
              + (f" (rebuilt in {report['rebuild_s']} s)" if "rebuild_s" in report else "")]
+    if report.get("no_reference") and not report.get("problem"):
+        nr = report["no_reference"]
+        lines.append(f"  the lock's hashes are for platform class {nr['lock']}; this machine trains {nr['here']}'s "
+                     f"fixture: the lock has no reference for its weights or anything made from them")
+        lines.append(f"  compared, identical: {', '.join(report.get('source_compared', [])) or 'nothing'}")
+        if report.get("source_changed"):
+            lines.append(f"  compared, DIFFERENT: {', '.join(report['source_changed'])}")
+        lines.append(f"  not compared: {', '.join(report.get('not_compared', []))}")
+        return lines
     if report.get("problem"):
         lines.append(f"  {report['problem']}")
         if report.get("rebuild_tail"):
@@ -189,18 +224,35 @@ def explain(report: dict) -> list[str]:
     return lines
 
 
+def _kept_rebuild(given: str) -> Path:
+    """A rebuild dir an earlier verify kept (a failed one, or keep=1): the comparison runs again
+    against it -- after a lock was corrected, say -- without building from nothing a second time.
+    Its doit finishes whatever it lacks (a variant it never built, a step re-keyed since)."""
+    path = Path(given).expanduser().resolve()
+    if not (path / "store").is_dir() or not path.name.startswith("run-"):
+        raise ForgeError("not a rebuild dir that `doit verify` kept", where=f"rebuilt={given}",
+                         found=str(path), allowed=[f"{build_dir() / 'verify'}/run-<time>-<pid> (printed as "
+                                                   "'the rebuild is kept in ...')"])
+    return path
+
+
 def run(cli_vars: dict, keep: bool = False) -> int:
     from .lockfile import read
 
     lock = read()
-    ids = selected(lock, cli_vars)
+    ids = selected(lock, {k: v for k, v in cli_vars.items() if k != "rebuilt"})
     root = build_dir() / "verify"
     root.mkdir(parents=True, exist_ok=True)
     reports, started = [], time.monotonic()
-    # One fresh build dir for this run: variants of one alloy share their source and conversion
-    # inside it, as they do in a normal build, but nothing is taken from build/store.
-    fresh = root / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    fresh.mkdir(parents=True)
+    if cli_vars.get("rebuilt"):
+        fresh = _kept_rebuild(cli_vars["rebuilt"])
+        print(f"verify: comparing with the rebuild kept in {fresh} (built from nothing by an earlier verify; "
+              f"not rebuilt again)", flush=True)
+    else:
+        # One fresh build dir for this run: variants of one alloy share their source and conversion
+        # inside it, as they do in a normal build, but nothing is taken from build/store.
+        fresh = root / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        fresh.mkdir(parents=True)
     for vid in ids:
         print(f"verify {vid}", flush=True)
         try:
@@ -211,6 +263,7 @@ def run(cli_vars: dict, keep: bool = False) -> int:
         reports.append(report)
         print("\n".join(explain(report)), flush=True)
     summary = {"lock": str(lock_path()), "seconds": round(time.monotonic() - started, 1),
+               "rebuilt_from_nothing": not cli_vars.get("rebuilt"),
                "passed": all(r["passed"] for r in reports), "variants": reports}
     (root / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     if summary["passed"] and not keep:
@@ -218,6 +271,16 @@ def run(cli_vars: dict, keep: bool = False) -> int:
     else:
         print(f"the rebuild is kept in {fresh}", flush=True)
     ok = sum(r["passed"] for r in reports)
+    unreferenced = [r["variant"] for r in reports if r.get("no_reference") and not r.get("problem")]
     print(f"verify: {ok} of {len(reports)} variants byte-identical to the lock in {summary['seconds']} s "
           f"(report: {root / 'report.json'})", flush=True)
-    return 0 if summary["passed"] else 1
+    if unreferenced:
+        print(f"verify: no reference for this platform class for {', '.join(unreferenced)} (exit {NO_REFERENCE})",
+              flush=True)
+    if summary["passed"]:
+        return 0
+    # Only variants without a reference, and nothing else wrong: a status of its own, so CI on
+    # another platform class can tell "not comparable here" from "different".
+    if len(unreferenced) == len(reports) and not any(r.get("source_changed") for r in reports):
+        return NO_REFERENCE
+    return 1

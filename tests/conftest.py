@@ -18,6 +18,71 @@ ROOT = Path(__file__).resolve().parent.parent
 DOIT = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT)]
 DEMO_ALLOY = ROOT / "alloys" / "demo.alloy.json"
 
+# The published forge-alloy schema the recipes and receipts are checked against: CambrianTech/forge-alloy,
+# schema/forge-alloy.schema.json at commit e5a8c8c, pinned by the sha256 of its bytes (the bytes are
+# what is judged against; a URL alone would follow whatever the repository serves).
+PUBLISHED_SCHEMA_SHA256 = "a235e7385b9ba97f51e1324c8253b8da5500f80fe1b89ac3555dec77d13d0700"
+PUBLISHED_SCHEMA_URL = "https://raw.githubusercontent.com/CambrianTech/forge-alloy/e5a8c8c/schema/forge-alloy.schema.json"
+
+
+def _sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+_FETCH_FAILED: list[str] = []  # one try per test session: offline, every test would wait out the timeout
+
+
+def _fetch_published_schema(dest: Path) -> str | None:
+    """Fetch the pinned schema into dest; None when done, else why not."""
+    import urllib.request
+
+    if _FETCH_FAILED:
+        return _FETCH_FAILED[0]
+    try:
+        with urllib.request.urlopen(PUBLISHED_SCHEMA_URL, timeout=10) as r:
+            data = r.read()
+    except OSError as e:
+        why = f"could not fetch {PUBLISHED_SCHEMA_URL}: {e}"
+    else:
+        if _sha256_bytes(data) == PUBLISHED_SCHEMA_SHA256:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+            return None
+        why = f"{PUBLISHED_SCHEMA_URL} served bytes of sha256 {_sha256_bytes(data)}, not the pinned one"
+    _FETCH_FAILED.append(why)
+    return why
+
+
+def published_schema_path() -> Path:
+    """Where the pinned published schema is, in this order: FORGE_ALLOY_SCHEMA (a path a user sets),
+    ../shared/reference/ beside the checkout (this workspace), a copy fetched earlier into the forge
+    cache, or a fetch of the pinned commit now. Whatever is found must hash to the pin. Where it
+    cannot be had (offline, no copy), the test is skipped with the reason -- unless
+    FORGE_REQUIRE_PUBLISHED_SCHEMA=1 (CI here), where that is a failure."""
+    from compiler.paths import cache_dir
+
+    cached = cache_dir() / "reference" / f"forge-alloy.schema.{PUBLISHED_SCHEMA_SHA256[:16]}.json"
+    candidates = [Path(p) for p in [os.environ.get("FORGE_ALLOY_SCHEMA")] if p] + [
+        ROOT.parent / "shared" / "reference" / "forge-alloy.schema.json", cached]
+    for path in candidates:
+        if path.is_file():
+            got = _sha256_bytes(path.read_bytes())
+            assert got == PUBLISHED_SCHEMA_SHA256, (
+                f"{path} is not the pinned published forge-alloy schema (sha256 {got}, pinned {PUBLISHED_SCHEMA_SHA256})")
+            return path
+    why = _fetch_published_schema(cached)
+    if why is None:
+        return cached
+    reason = (f"the published forge-alloy schema is not available ({why}); set FORGE_ALLOY_SCHEMA to a copy "
+              f"(sha256 {PUBLISHED_SCHEMA_SHA256})")
+    if os.environ.get("FORGE_REQUIRE_PUBLISHED_SCHEMA") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
 
 @dataclass
 class Run:
@@ -73,6 +138,21 @@ class Workspace:
         path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 
+    def seed(self, store: Path, kinds: tuple[str, ...]) -> None:
+        """Give this workspace's store the complete entries of these kinds from another store, as
+        hard links: the forge then finds them "already in the store" (as a second checkout sharing a
+        store would) instead of rebuilding them -- above all the demo's trained source, whose
+        training is the one slow step and is exercised, once, by the session's demo_workspace. The
+        links are safe because no test edits a file of a seeded entry in place."""
+        for kind in kinds:
+            for entry in sorted((store / kind).iterdir()) if (store / kind).is_dir() else []:
+                if ".partial-" in entry.name or not (entry / "manifest.json").is_file():
+                    continue
+                dest = self.build / "store" / kind / entry.name
+                if not dest.exists():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copytree(entry, dest, copy_function=os.link)
+
     def doit(self, *args: str, timeout: int = 1800, **env) -> Run:
         if self.stats_file.exists():
             self.stats_file.unlink()
@@ -104,3 +184,26 @@ def demo_workspace(tmp_path_factory) -> Workspace:
     assert_ok(run)
     ws.first_run = run
     return ws
+
+
+# Per-source steps every alloy on the demo's source shares.
+SEED_KINDS = ("synthetic", "validate", "convert", "mmproj", "imatrix", "kld-base", "image-fit")
+
+
+@pytest.fixture(scope="session")
+def demo_seed(demo_workspace, tmp_path_factory) -> Path:
+    """A pristine store holding the session demo's trained source and what every alloy on it shares
+    (conversions, the importance matrix, the reference logits, the static Q8_0 yardstick), linked
+    copied (not linked) from its store: a test that corrupts a file of demo_workspace in place never
+    reaches these. Only the kinds a workspace may take: what variants built later added is not copied."""
+    seed = tmp_path_factory.mktemp("demo-seed")
+    for kind in SEED_KINDS:
+        if (demo_workspace.build / "store" / kind).is_dir():
+            shutil.copytree(demo_workspace.build / "store" / kind, seed / kind,
+                            ignore=shutil.ignore_patterns("*.partial-*"))
+    return seed
+
+
+# What a workspace on the demo's source takes from demo_seed by default: the trained checkpoint only;
+# everything after it is built in the workspace, so its own tests still see conversion and quantization.
+TRAINED_SOURCE = ("synthetic",)

@@ -154,18 +154,49 @@ def test_training_gives_the_same_bytes_every_run(tmp_path):
     # What differs between x86-64 machines that this one can vary: the cores there are (one here,
     # with the pinned two threads sharing it) and the thread settings a shell hands down.
     assert train(tmp_path / "d", 1, 4, cpus={0}, OMP_NUM_THREADS="7", MKL_NUM_THREADS="7") == first
+    # Another kernel class (a machine without AVX2, reproduced here by torch's default kernels): its
+    # own bytes, the same on every run -- the lock records which class its hashes are for.
+    other = train(tmp_path / "e", 1, 4, FORGE_TRAIN_KERNELS="default")
+    assert other != first and train(tmp_path / "f", 1, 4, FORGE_TRAIN_KERNELS="default") == other
 
 
-def test_training_refuses_other_cpu_kernels(tmp_path):
+def test_training_refuses_kernels_other_than_the_ones_asked_for(tmp_path):
+    # pytest's own torch is not pinned (on this machine it runs AVX-512 kernels): asked for the
+    # AVX2 ones, or for the default ones, training in this process refuses, naming them.
     import torch
 
     from compiler import train as train_mod
+    from compiler.kernels import TORCH_CAPABILITY
     from compiler.synthetic import load_shape
 
-    if torch.backends.cpu.get_cpu_capability() == "AVX2":
-        pytest.skip("this machine's torch runs the pinned AVX2 kernels anyway")
-    with pytest.raises(RuntimeError, match="pinned"):
-        train_mod.train(tmp_path / "x", load_shape("tiny"), 1, {"steps": 1})
+    here = torch.backends.cpu.get_cpu_capability()
+    for choice in [k for k, cap in TORCH_CAPABILITY.items() if cap != here]:
+        with pytest.raises(RuntimeError, match=f"pinned {choice} ones"):
+            train_mod.train(tmp_path / "x", load_shape("tiny"), 1, {"steps": 1}, kernels=choice)
+
+
+def test_the_kernel_class_follows_the_cpu_and_the_setting(monkeypatch):
+    from compiler import kernels
+    from compiler.errors import ForgeError
+
+    monkeypatch.delenv("FORGE_TRAIN_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "machine", lambda: "arm64")
+    monkeypatch.setattr(kernels, "has_avx2", lambda: False)
+    assert kernels.platform_class() == "arm64-default"
+    assert kernels.pinned_env()["ATEN_CPU_CAPABILITY"] == "default" and "MKL_CBWR" not in kernels.pinned_env()
+    monkeypatch.setattr(kernels, "machine", lambda: "x86_64")
+    assert kernels.platform_class() == "x86_64-default"
+    assert kernels.pinned_env()["MKL_CBWR"] == "COMPATIBLE"
+    monkeypatch.setenv("FORGE_TRAIN_KERNELS", "avx2")
+    with pytest.raises(ForgeError, match="no AVX2"):
+        kernels.platform_class()
+    monkeypatch.setattr(kernels, "has_avx2", lambda: True)
+    assert kernels.platform_class() == "x86_64-avx2"
+    monkeypatch.setenv("FORGE_TRAIN_KERNELS", "default")
+    assert kernels.platform_class() == "x86_64-default"
+    monkeypatch.setenv("FORGE_TRAIN_KERNELS", "sse9")
+    with pytest.raises(ForgeError, match="unknown CPU kernel choice"):
+        kernels.platform_class()
 
 
 def test_the_fast_linear_attention_equals_transformers():

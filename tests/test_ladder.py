@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from compiler import config
-from conftest import ROOT, Workspace, assert_ok
+from conftest import ROOT, SEED_KINDS, TRAINED_SOURCE, Workspace, assert_ok
 
 pytestmark = pytest.mark.build
 CORPUS = ROOT / "calibration" / "forge-calibration-v1.txt"
@@ -21,8 +21,13 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def ladder_workspace(root, corpus_dir) -> Workspace:
+def ladder_workspace(root, corpus_dir, seed, kinds) -> Workspace:
     ws = Workspace(root)
+    ws.seed(seed, kinds)
+    # These tests judge imatrices, quants and gates, not sight: a smoke on 3 pictures per family
+    # (12, against the demo's 40; test_fixture judges the full suite) is the size they need.
+    cfg = ws.conf / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("fixture_items_per_family: 10", "fixture_items_per_family: 3"))
     corpus_dir.mkdir(parents=True, exist_ok=True)
     corpus = corpus_dir / CORPUS.name
     shutil.copy(CORPUS, corpus)
@@ -37,8 +42,11 @@ def ladder_workspace(root, corpus_dir) -> Workspace:
 
 
 @pytest.fixture(scope="module")
-def ladder(tmp_path_factory):
-    ws = ladder_workspace(tmp_path_factory.mktemp("ladder"), tmp_path_factory.mktemp("corpus-a"))
+def ladder(tmp_path_factory, demo_seed):
+    # The session's trained source and what every alloy on it shares; its own corpus makes its own
+    # importance matrix.
+    ws = ladder_workspace(tmp_path_factory.mktemp("ladder"), tmp_path_factory.mktemp("corpus-a"), demo_seed,
+                          tuple(k for k in SEED_KINDS if k != "imatrix"))
     run = ws.doit()
     assert_ok(run)
     ws.first_run = run
@@ -119,8 +127,11 @@ def test_projector_can_ship_as_q8_0(ladder):
     assert "mmproj-quantize:qwen3.5-tiny-seeing-q8_0" in run.executed
 
 
-def test_same_variant_built_elsewhere_has_the_same_bytes(ladder, tmp_path_factory):
-    other = ladder_workspace(tmp_path_factory.mktemp("elsewhere"), tmp_path_factory.mktemp("corpus-b"))
+def test_same_variant_built_elsewhere_has_the_same_bytes(ladder, tmp_path_factory, demo_seed):
+    # Elsewhere: another build dir and corpus folder, converting again from the same trained source
+    # (its training from nothing elsewhere is what `doit verify` proves).
+    other = ladder_workspace(tmp_path_factory.mktemp("elsewhere"), tmp_path_factory.mktemp("corpus-b"), demo_seed,
+                             TRAINED_SOURCE)
     assert other.corpus != ladder.corpus
     run = other.doit("alloy=ladder", "quant=iq3_m")
     assert_ok(run)

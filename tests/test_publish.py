@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from conftest import Workspace, assert_ok
+from conftest import SEED_KINDS, Workspace, assert_ok
 from hub_loopback import LoopbackHub
 
 pytestmark = pytest.mark.build
@@ -116,8 +116,10 @@ def test_every_publish_message_is_scrubbed_of_the_token(capsys):
     assert TOKEN not in out and out.count("<token>") == 2
 
 
-def test_a_tier_repo_holds_every_declared_quant_of_its_alloy(tmp_path, hub):
+def test_a_tier_repo_holds_every_declared_quant_of_its_alloy(tmp_path, hub, demo_seed):
     ws = Workspace(tmp_path)
+    # The session's trained source and its shared steps: this test is about the repo's files.
+    ws.seed(demo_seed, SEED_KINDS)
     repo = "continuum-ai/qwen3.5-demo-two-GGUF"
     path = ws.add_alloy("demo-two")
     data = json.loads(path.read_text())

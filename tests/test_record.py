@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from conftest import DEMO_ALLOY, ROOT, Workspace, assert_ok
+from conftest import DEMO_ALLOY, ROOT, TRAINED_SOURCE, Workspace, assert_ok
 
 LOCK = ROOT / "alloys" / "forge.lock.json"
 REGISTRY = ROOT / "model_registry.json"
@@ -113,8 +113,11 @@ def _tree(store):
 
 
 @pytest.mark.build
-def test_two_runs_at_once_end_as_one_would_have(tmp_path, demo_workspace):
+def test_two_runs_at_once_end_as_one_would_have(tmp_path, demo_workspace, demo_seed):
     ws = Workspace(tmp_path / "together")
+    # The trained source from the session's seed (training is not what this test is about); every
+    # later step is built here, by whichever run gets to it first.
+    ws.seed(demo_seed, TRAINED_SOURCE)
     shutil.copy(DEMO_ALLOY, ws.alloys / DEMO_ALLOY.name)
     runs = [None, None]
 
@@ -128,8 +131,15 @@ def test_two_runs_at_once_end_as_one_would_have(tmp_path, demo_workspace):
         t.join()
     for run in runs:
         assert_ok(run)
-    # Each step was built once: the other run waited for it and found it complete.
-    assert sum("convert:qwen3.5-tiny-seeing: done in" in r.out for r in runs) == 1
+    # Each step was built exactly once across both runs: the other run waited for it and found it
+    # complete (or doit's shared record already had it up to date). The seeded source, by neither.
+    steps = {t for r in runs for t in r.executed | r.skipped
+             if ":" in t and not t.startswith(("lock:", "toolchain"))}
+    source = next(t for t in steps if t.startswith("source:"))
+    assert len(steps) > 10, steps
+    for step in steps - {source}:
+        assert sum(r.out.count(f"{step}: done in") for r in runs) == 1, (step, [r.out[-3000:] for r in runs])
+    assert sum(r.out.count(f"{source}: done in") for r in runs) == 0
     # The same lock entry as the session's single run of the demo: step keys, outputs, smoke (the
     # session's workspace has had its sensory conf edited by then, so the envelope and the receipt
     # that waits on it are keyed apart), and the same store contents.
@@ -139,5 +149,11 @@ def test_two_runs_at_once_end_as_one_would_have(tmp_path, demo_workspace):
     assert {k: v for k, v in together["keys"].items() if k != "receipt"} == \
         {k: v for k, v in single["keys"].items() if k != "receipt"}
     assert not list((ws.build / "store").glob("*/*.partial-*"))
-    single = {name for name, _ in _tree(demo_workspace.build / "store")}
-    assert {name for name, _ in _tree(ws.build / "store")} <= single
+    # Byte for byte: every file the two runs left in the store is the single run's file of the same
+    # key, except the executed alloy (its attestedAt is the time it was written).
+    single_files = dict(_tree(demo_workspace.build / "store"))
+    together_files = dict(_tree(ws.build / "store"))
+    assert set(together_files) <= set(single_files)
+    differ = [name for name, digest in together_files.items()
+              if digest != single_files[name] and not name.startswith("receipt/")]
+    assert not differ, differ

@@ -11,20 +11,30 @@ import numpy as np
 import pytest
 
 from compiler import ggufdiff, sizing
-from conftest import assert_ok
+from conftest import ROOT, assert_ok
 
 pytestmark = pytest.mark.build
 
 
-def test_verify_passes_on_a_fresh_build_and_reports_an_edited_lock_per_file(demo_workspace):
-    ws = demo_workspace
-    good = ws.doit("verify", "only=demo")
-    assert_ok(good)
-    assert "demo: VERIFIED" in good.out and "1 of 1 variants byte-identical" in good.out
-    # The rebuild used its own build dir, not the workspace's store, and cleaned it up.
-    assert "rebuilding quantize:demo" in good.out
-    assert not list((ws.build / "verify").glob("run-*"))
+def test_the_sessions_build_from_nothing_reproduces_the_committed_lock(demo_workspace):
+    """What `doit verify alloy=demo` on the committed lock proves (a build from nothing, here, gives
+    the recorded bytes), checked on the session's own build from nothing instead of a second
+    rebuild: the demo trained, converted and quantized in an empty store has exactly the committed
+    lock's source files and outputs."""
+    committed = json.loads((ROOT / "alloys" / "forge.lock.json").read_text())["variants"]["demo"]
+    built = demo_workspace.lock()["variants"]["demo"]
+    if committed["toolchain"]["fingerprint"] != built["toolchain"]["fingerprint"]:
+        pytest.skip("the committed lock records another toolchain (compiler, flags, CPU architecture or Python "
+                    f"packages): {committed['toolchain']['fingerprint'][:12]} there, {built['toolchain']['fingerprint'][:12]} here")
+    assert built["source"]["files"] == committed["source"]["files"]
+    assert built["outputs"] == committed["outputs"]
+    assert built["modelHash"] == committed["modelHash"]
 
+
+def test_verify_reports_an_edited_lock_per_file_and_passes_on_the_same_rebuild(demo_workspace):
+    # One rebuild from nothing serves both halves: the mismatch keeps its rebuild dir (as any failed
+    # verify does), and verify compares the corrected lock with that kept rebuild (rebuilt=).
+    ws = demo_workspace
     lock_path = ws.alloys / "forge.lock.json"
     original = lock_path.read_text()
     lock = json.loads(original)
@@ -38,6 +48,11 @@ def test_verify_passes_on_a_fresh_build_and_reports_an_edited_lock_per_file(demo
     assert bad.proc.returncode != 0
     assert "demo: MISMATCH" in bad.out and "DIFFERS   demo-Q4_K_M.gguf" in bad.out
     assert "lock    " + "0" * 64 in bad.out
+    # The rebuild used its own build dir, not the workspace's store.
+    assert "rebuilding quantize:demo" in bad.out
+    (kept,) = (ws.build / "verify").glob("run-*")
+    assert f"the rebuild is kept in {kept}" in bad.out
+    assert any(t.startswith("source:") for t in _ran(kept)), "the kept rebuild trained its own source"
     # The projector still matches, and the report says the lock entry is what is wrong: the
     # rebuild equals the workspace's own build of that step byte for byte.
     assert "ok        mmproj-demo-F16.gguf" in bad.out
@@ -46,7 +61,25 @@ def test_verify_passes_on_a_fresh_build_and_reports_an_edited_lock_per_file(demo
     report = json.loads((ws.build / "verify" / "report.json").read_text())
     row = next(f for f in report["variants"][0]["files"] if f["file"] == "demo-Q4_K_M.gguf")
     assert row["matches"] is False and row["rebuilt_sha256"] != "0" * 64
-    assert row["tensor_report"]["identical"] is True
+    assert row["tensor_report"]["identical"] is True and report["rebuilt_from_nothing"] is True
+
+    # The lock as built: verify passes against the same rebuild, building nothing again, and a
+    # passing verify removes its rebuild dir.
+    good = ws.doit("verify", "only=demo", f"rebuilt={kept}")
+    assert_ok(good)
+    assert "demo: VERIFIED" in good.out and "1 of 1 variants byte-identical" in good.out
+    assert f"comparing with the rebuild kept in {kept}" in good.out
+    assert json.loads((ws.build / "verify" / "report.json").read_text())["rebuilt_from_nothing"] is False
+    assert not list((ws.build / "verify").glob("run-*"))
+    # A folder verify did not make is refused, naming it.
+    stray = ws.doit("verify", "only=demo", f"rebuilt={ws.build / 'store'}")
+    assert stray.proc.returncode != 0 and "not a rebuild dir that `doit verify` kept" in stray.out
+
+
+def _ran(build) -> set:
+    """The steps whose outputs a build dir holds, as task-name prefixes (source:, convert:, ...)."""
+    kinds = {"synthetic": "source:", "convert": "convert:", "quantize": "quantize:"}
+    return {kinds[k.name] for k in (build / "store").iterdir() if k.name in kinds and any(k.iterdir())}
 
 
 def _rewrite_with_one_tensor_changed(src, dst, name):

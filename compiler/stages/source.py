@@ -91,13 +91,16 @@ def _train(step, out, log) -> None:
     import json
     import sys
 
-    from ..train import PINNED_ENV
+    from ..kernels import pinned_env
 
     p = step.params
+    # The kernel class is in the key (plan.source_params): the bytes are that class's.
+    choice = p["train"]["platformClass"].split("-", 1)[1]
     cmd = [sys.executable, "-m", "compiler.train", out.tmp, "--shape-json", json.dumps(p["shape"]),
-           "--seed", p["seed"], "--steps", p["train"]["steps"]]
+           "--seed", p["seed"], "--steps", p["train"]["steps"], "--kernels", choice]
     output = log.run(cmd, f"train the Qwen3.5 fixture, {p['train']['steps']} steps from seed {p['seed']} "
-                     f"(compiler/train.py; about 3 minutes on 2 cores)", env=PINNED_ENV,
+                     f"with {p['train']['platformClass']} kernels (compiler/train.py; about 3 minutes on 2 cores)",
+                     env=pinned_env(choice),
                      cwd=Path(__file__).resolve().parents[2])
     files = json.loads(output.splitlines()[-1])["files"]
     log(f"wrote {len(files)} files")

@@ -1,0 +1,64 @@
+"""The demo on a machine whose CPU kernels are not the committed lock's (an Apple Silicon or aarch64
+machine, an x86-64 without AVX2), reproduced on this one with torch's default kernels
+(FORGE_TRAIN_KERNELS=default: the kernel path such a machine's torch runs, compiler/kernels.py): the
+fixture trains there, sees, and passes its gates; `doit verify` says it has no reference for that
+class, compares what it can and claims nothing else, with an exit status of its own; the build
+records itself under build/ and leaves the committed lock's hashes (another class's) as they are."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from compiler.kernels import machine
+from conftest import DEMO_ALLOY, ROOT, Workspace, assert_ok
+
+pytestmark = pytest.mark.build
+DEFAULT_KERNELS = {"FORGE_TRAIN_KERNELS": "default"}
+
+
+def test_the_demo_builds_on_another_kernel_class_and_verify_says_it_has_no_reference(tmp_path):
+    committed = json.loads((ROOT / "alloys" / "forge.lock.json").read_text())
+    there = committed["variants"]["demo"]["source"]["platformClass"]
+    here = f"{machine()}-default"
+    if there == here:
+        pytest.skip(f"the committed lock is {here}'s own: nothing to reproduce")
+    ws = Workspace(tmp_path / "other-class")
+    shutil.copy(DEMO_ALLOY, ws.alloys / DEMO_ALLOY.name)
+    shutil.copy(ROOT / "alloys" / "forge.lock.json", ws.alloys / "forge.lock.json")
+    lock_before = (ws.alloys / "forge.lock.json").read_text()
+
+    # verify: a rebuild from nothing with this class's kernels, then what could be compared.
+    check = ws.doit("verify", "alloy=demo", "keep=1", **DEFAULT_KERNELS)
+    assert check.proc.returncode == 3, check.out[-4000:]
+    assert "demo: NO REFERENCE" in check.out and "MISMATCH" not in check.out
+    assert f"the lock's hashes are for platform class {there}; this machine trains {here}'s fixture" in check.out
+    source_files = sorted(f["filename"] for f in committed["variants"]["demo"]["source"]["files"])
+    compared = [n for n in source_files if not n.endswith(".safetensors")]
+    assert f"compared, identical: {', '.join(compared)}" in check.out
+    assert "not compared: model.safetensors, demo-Q4_K_M.gguf, mmproj-demo-F16.gguf" in check.out
+    assert "variants byte-identical" in check.out and "0 of 1" in check.out
+    report = json.loads((ws.build / "verify" / "report.json").read_text())["variants"][0]
+    assert report["no_reference"] == {"lock": there, "here": here}
+    assert all(f["matches"] is None and f["compared"] is False for f in report["files"])
+    (kept,) = (ws.build / "verify").glob("run-*")
+
+    # The kept rebuild is a build dir like any: the demo finishes there -- quality gate, envelope and
+    # the smoke's vision suite, gated on this class's fixture -- without training a second time.
+    run = ws.doit("alloy=demo", FORGE_BUILD_DIR=str(kept), **DEFAULT_KERNELS)
+    assert_ok(run)
+    assert "source:qwen3.5-tiny-seeing: already in the store" in run.out
+    smoke_key = json.loads((kept / "experiments.lock.json").read_text())["variants"]["demo"]["keys"]["smoke"]
+    smoke = json.loads((kept / "store" / "smoke" / smoke_key / "smoke.json").read_text())
+    assert smoke["vision"]["gated"] and smoke["vision"]["score"] >= 0.8 and smoke["passed"]
+    # Recorded for what it is, where it belongs; the committed lock keeps the other class's hashes.
+    assert f"the committed lock holds {there}'s hashes for demo; this machine trains {here}'s fixture" in run.out
+    assert (ws.alloys / "forge.lock.json").read_text() == lock_before
+    mine = json.loads((kept / "experiments.lock.json").read_text())["variants"]["demo"]
+    assert mine["source"]["platformClass"] == here
+    assert mine["outputs"] != committed["variants"]["demo"]["outputs"]
+    # A second run is a no-op: the record is where it belongs and up to date.
+    again = ws.doit("alloy=demo", FORGE_BUILD_DIR=str(kept), **DEFAULT_KERNELS)
+    assert_ok(again)
+    assert again.executed == set(), again.out[-3000:]
