@@ -12,6 +12,7 @@ reproduce a machine without it); =avx2 where AVX2 is missing is refused.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -37,6 +38,7 @@ def machine() -> str:
     return {"amd64": "x86_64", "x64": "x86_64", "aarch64": "arm64", "armv8": "arm64"}.get(m, m)
 
 
+@functools.lru_cache(maxsize=None)
 def has_avx2() -> bool:
     """From the OS's own report of the CPU's features (Linux /proc/cpuinfo, macOS sysctl)."""
     if machine() != "x86_64":

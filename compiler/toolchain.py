@@ -42,6 +42,10 @@ LLAMA_CPP_COMMIT = "ggml-org/llama.cpp@0c1e57098"
 # sensitive to FMA contraction: FACTS.md, "Determinism").
 GGML_FLAGS_X86_64 = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
                      "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
+# An x86-64 without AVX2 (compiler/kernels.has_avx2): the baseline instruction set, explicitly, so
+# the tools never execute an instruction the CPU lacks (illegal instruction at the first quantize).
+GGML_FLAGS_X86_64_BASELINE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF",
+                              "-DGGML_F16C=OFF", "-DGGML_BMI2=OFF"]
 GGML_FLAGS_OTHER = ["-DGGML_NATIVE=OFF"]
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-mtmd-cli")
 # The shared libraries the Python binding loads (llama_cpp/_ggml.py, llama_cpp.py, mtmd_cpp.py). The
@@ -60,7 +64,11 @@ def rpath_flags() -> list[str]:
 
 
 def ggml_flags() -> list[str]:
-    return GGML_FLAGS_X86_64 if platform.machine() in ("x86_64", "AMD64") else GGML_FLAGS_OTHER
+    from .kernels import has_avx2
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return GGML_FLAGS_OTHER
+    return GGML_FLAGS_X86_64 if has_avx2() else GGML_FLAGS_X86_64_BASELINE
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
