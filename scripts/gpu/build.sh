@@ -10,7 +10,8 @@
 #      DEADLINE_S (stop building after this many seconds from start, resumable: default 520),
 #      SKIP_WHEELS=1 (use the current python env), TINY_ARGS (tiny_gguf.py size flags),
 #      FORGE_GPU_DEVICE=1 allows dpkg -x of the small GL/loader debs into / (device only).
-# Results: $WORK/prefix-{cuda,vulkan}/{bin,lib} (RUNPATH $ORIGIN:$ORIGIN/../lib); logs in $WORK/logs,
+# Results: $WORK/prefix-{cuda,vulkan}/{bin,lib} (RUNPATH $ORIGIN:$ORIGIN/../lib; .ok once built),
+# $WORK/vk.env (the Vulkan ICD exports, for later processes); logs in $WORK/logs,
 # and, where $OUT is set (device tool), $OUT/summary.txt + $OUT/logs.tgz.
 set -uo pipefail
 T0=$(date +%s)
@@ -65,8 +66,10 @@ vk_runtime() {   # the loader + NVIDIA ICD for running (main shell: prove() need
     note "vulkan runtime: unpacked debs/gl into / (the image had no libvulkan.so.1)"
   fi
   local icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+  : > "$WORK/vk.env"   # for the processes that run the Vulkan build later (run_all.sh sources it)
   if [ -f "$icd" ] && ! ls /usr/share/vulkan/icd.d/nvidia* /etc/vulkan/icd.d/nvidia* >/dev/null 2>&1; then
     export VK_DRIVER_FILES=$icd VK_ICD_FILENAMES=$icd
+    echo "export VK_DRIVER_FILES=$icd VK_ICD_FILENAMES=$icd" > "$WORK/vk.env"
   fi
   note "vulkan runtime: $(ldconfig -p | grep -m1 'libvulkan.so.1 ' | awk '{print $NF}') VK_DRIVER_FILES=${VK_DRIVER_FILES:-unset}"
 }
@@ -181,18 +184,22 @@ prove() {
 
 [ -f "$WORK/tiny.gguf" ] || python3 "$ROOT/scripts/gpu/tiny_gguf.py" "$WORK/tiny.gguf" ${TINY_ARGS:-} || note "tiny.gguf: FAILED"
 # both variants build at once (each -j$JOBS): their serial tails (ggml-vulkan-shaders.cpp, the
-# libggml-cuda link) overlap, and neither starves the other before the deadline.
+# libggml-cuda link) overlap, and neither starves the other before the deadline. Each proves itself
+# as soon as it is built, holding $WORK/gpu.lock (run_all.sh's GPU runs hold it too: one process on
+# the GPU at a time, so that no VRAM reading sees another's allocations).
 case " $VARIANTS " in *" vulkan "*) vk_runtime ;; esac
 pids=()
 for v in $VARIANTS; do
   echo "== build $v (t=$(el)s)"
-  ( build "$v" && touch "$WORK/prefix-$v/.ok" ) > "$LOGS/driver-$v.log" 2>&1 &
+  ( build "$v" > "$LOGS/driver-$v.log" 2>&1 || exit 1
+    touch "$WORK/prefix-$v/.ok"
+    { flock 9; prove "$v" > "$LOGS/prove-$v.log" 2>&1; } 9> "$WORK/gpu.lock" ) &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
 for v in $VARIANTS; do
   echo "== driver log $v"; cat "$LOGS/driver-$v.log"
-  [ -f "$WORK/prefix-$v/.ok" ] && prove "$v"
+  [ -f "$LOGS/prove-$v.log" ] && cat "$LOGS/prove-$v.log"
 done
 [ -n "${OUT:-}" ] && { cp "$SUMMARY" "$OUT/"; tar -czf "$OUT/logs.tgz" -C "$WORK" logs; }
 echo "== summary (total $(el)s)"; cat "$SUMMARY"

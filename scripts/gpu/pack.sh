@@ -10,17 +10,34 @@
 #   .gpu-carry/wheels/               pure-Python deps + transformers pin (pip install --no-index)
 #   .gpu-carry/py/llama_cpp/         llama-cpp-python's Python package, without its CPU .so files
 #
-# The folder is listed in .git/info/exclude; name it in `run`'s carry: [".gpu-carry"].
+# The folder is git-ignored (.gitignore: /.gpu-carry/), so it travels only when named in `run`'s
+# carry: [".gpu-carry"]. The script refuses to write it where git would not ignore it.
 # Needs network access to deb.debian.org and PyPI (ordinary apt-get download / pip download).
+#
+#   bash scripts/gpu/pack.sh --stamp   only (re)writes .gpu-carry/tree.txt: the commit, whether the
+#                                      working tree differs from it, and gpu_forge.py --digest of the
+#                                      code that will travel. Run it right before the device calls:
+#                                      every result JSON carries it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CARRY=$ROOT/.gpu-carry
 SRC=$ROOT/vendor/llama.cpp
 PY=${PY:-$ROOT/.venv/bin/python}
+
+stamp() {
+  local dirty; dirty=$(git -C "$ROOT" status --porcelain --untracked-files=normal | wc -l)
+  { echo "commit $(git -C "$ROOT" rev-parse HEAD)"
+    echo "uncommitted $dirty $( [ "$dirty" = 0 ] && echo '(clean)' || echo 'paths differ from the commit (git status --porcelain)')"
+    echo "digest $("$PY" "$ROOT/scripts/gpu_forge.py" --digest)"
+    echo "stamped $(date -u +%Y-%m-%dT%H:%M:%SZ)"; } > "$CARRY/tree.txt"
+  cat "$CARRY/tree.txt"
+}
+if [ "${1:-}" = --stamp ]; then mkdir -p "$CARRY"; stamp; exit 0; fi
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
 [ -f "$SRC/CMakeLists.txt" ] || { echo "vendor/llama.cpp missing: run scripts/bootstrap.py" >&2; exit 1; }
-grep -qx '/.gpu-carry/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpu-carry/' >> "$ROOT/.git/info/exclude"
+git -C "$ROOT" check-ignore -q .gpu-carry/ \
+  || { echo ".gpu-carry/ is not git-ignored here: it would travel (and count) with every device call" >&2; exit 1; }
 mkdir -p "$CARRY"
 
 # 1. trimmed source: drop models/ docs/ tests/ examples/ media/ .git, the web UI and server
@@ -68,7 +85,8 @@ echo "== llama_cpp python package"
 rm -rf "$CARRY/py"; mkdir -p "$CARRY/py"
 ( cd "$SITE" && tar --exclude='__pycache__' --exclude='llama_cpp/lib' -cf - llama_cpp ) | tar -xf - -C "$CARRY/py"
 
-# 5. the device-side script travels in the tree (scripts/gpu/build.sh); report sizes.
+# 5. the device-side scripts travel in the tree (scripts/gpu/); what code that is; report sizes.
+echo "== stamp"; stamp
 echo "== sizes"
 du -sh "$CARRY"/* "$CARRY"
 TREE=$(cd "$ROOT" && git ls-files -co --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
