@@ -137,9 +137,10 @@ def verify_task(cli_vars: dict) -> dict:
         except ForgeError as e:
             return TaskFailed(str(e))
         if code == verify.NO_REFERENCE:
-            # Its own exit status (not doit's 1 for a failed task): nothing was found different, and
-            # nothing could be claimed identical either.
-            raise SystemExit(code)
+            # doit ends a failed task with its own status 1; `python -m compiler.verify` gives this
+            # outcome its own (3).
+            return TaskFailed("verify: no reference for this platform class in the lock (report above); "
+                              "nothing found different, nothing claimed identical")
         return None if code == 0 else TaskFailed("verify: the rebuild differs from the lock (report above)")
 
     return {"basename": "verify", "doc": "rebuild the locked variants (alloy=/tier= to choose) in a fresh "

@@ -284,3 +284,24 @@ def run(cli_vars: dict, keep: bool = False) -> int:
     if len(unreferenced) == len(reports) and not any(r.get("source_changed") for r in reports):
         return NO_REFERENCE
     return 1
+
+
+def main(argv: list[str]) -> int:
+    """`python -m compiler.verify [alloy=..] [only=..] [tier=..] [rebuilt=..] [keep=1]`: verify with
+    an exit status per outcome -- 0 identical, 1 different (or failed), 3 no reference for this
+    platform class -- where `doit verify` can only say 0 or 1."""
+    args = dict(a.split("=", 1) for a in argv if "=" in a)
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        print(f"verify: arguments are key=value (alloy=, only=, tier=, rebuilt=, keep=1): {bad}", file=sys.stderr)
+        return 2
+    keep = args.pop("keep", "") not in ("", "0", "false")
+    try:
+        return run(args, keep=keep)
+    except ForgeError as e:
+        print(f"verify: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
