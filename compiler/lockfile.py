@@ -133,6 +133,7 @@ def entry_for(plan, variant) -> dict:
     import hashlib
 
     template = chat_template(variant)
+    trained_on = platform_class(variant)
     return {
         "alloy": alloy.name,
         "alloyHash": alloy.alloy_hash,
@@ -142,7 +143,7 @@ def entry_for(plan, variant) -> dict:
         "quant": variant.llama_type,
         "source": {"kind": src_step.kind, "baseModel": alloy.source["baseModel"],
                    "revision": alloy.source["revision"], "resolvedRevision": src.get("resolvedRevision"),
-                   "files": files, **({"platformClass": platform_class(variant)} if platform_class(variant) else {})},
+                   "files": files, **({"platformClass": trained_on} if trained_on else {})},
         "toolchain": {"fingerprint": plan.toolchain, **fingerprint_parts()},
         "keys": {role: s.key for role, s in variant.steps.items() if role != "envelope"},
         "outputs": results["integrity"]["fileHashes"],

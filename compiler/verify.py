@@ -35,11 +35,10 @@ def selected(lock: dict, cli_vars: dict) -> list[str]:
     """Lock variant ids matching `only=` (variant ids), `alloy=` and `tier=`."""
     if not lock["variants"]:
         raise ForgeError("the lock records no variants: build and lock them first with `doit`", where=str(lock_path()))
-    unknown = sorted(set(cli_vars) - {"only", "alloy", "tier", "rebuilt"})
+    unknown = sorted(set(cli_vars) - {"only", "alloy", "tier"})
     if unknown:
         raise ForgeError("verify chooses locked variants by only=, alloy= and tier= alone", where="doit verify",
-                         found=unknown, allowed=["only=<variant ids>", "alloy=<names>", "tier=<tier>",
-                                                 "rebuilt=<a rebuild dir verify kept>"])
+                         found=unknown, allowed=["only=<variant ids>", "alloy=<names>", "tier=<tier>"])
     ids = []
     only = set(cli_vars["only"].split(",")) if cli_vars.get("only") else None
     if only and only - set(lock["variants"]):
