@@ -69,10 +69,11 @@ class _Cursor:
         raise ValueError(f"unknown metadata value type {vtype}")
 
 
-def read_layout(path: Path, arrays: bool = False) -> dict:
+def read_layout(path: Path, arrays: bool = False, numbers: tuple[str, ...] = ()) -> dict:
     """Metadata scalars/strings and the tensor table of a GGUF file; raises on damage. With
     `arrays`, array values appear too, as ("array", element count, sha256 of their raw bytes):
-    enough to tell two tokenizers apart without decoding 248k strings."""
+    enough to tell two tokenizers apart without decoding 248k strings. The arrays of numbers whose
+    keys end with one of `numbers` (".rope.dimension_sections") appear as lists of their values."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     with open(path, "rb") as f:
@@ -94,7 +95,11 @@ def read_layout(path: Path, arrays: bool = False) -> dict:
                 vtype = cur.take("I")
                 start = cur.pos
                 value = cur.skip_value(vtype)
-                if arrays and vtype == _ARRAY:
+                if numbers and key.endswith(numbers) and vtype == _ARRAY:
+                    etype, count = struct.unpack_from("<IQ", buf, start)
+                    if etype in _SCALARS:
+                        meta[key] = list(struct.unpack_from(f"<{count}{_SCALARS[etype]}", buf, start + 12))
+                elif arrays and vtype == _ARRAY:
                     import hashlib
 
                     count = struct.unpack_from("<Q", buf, start + 4)[0]

@@ -254,7 +254,7 @@ def mrope_sections(text_gguf: Path, folder: Path, where: str) -> list[int] | Non
     text-only check sees them wrong (text tokens carry one position in all three). The vision
     tower's own 2D sections are compiled into mtmd (models/qwen3vl.cpp), not read from the GGUF.
     Returns the sections, or None for a checkpoint without M-RoPE."""
-    from gguf import GGUFReader
+    from .ggufcheck import read_layout
 
     config = json.loads((folder / "config.json").read_text())
     text = config.get("text_config", config)
@@ -263,11 +263,11 @@ def mrope_sections(text_gguf: Path, folder: Path, where: str) -> list[int] | Non
     if not want:
         return None
     want = [int(v) for v in want] + [0] * (4 - len(want))
-    reader = GGUFReader(str(text_gguf))
-    arch_field = reader.fields["general.architecture"]
-    arch = bytes(arch_field.parts[arch_field.data[0]]).decode()
-    field = reader.fields.get(f"{arch}.rope.dimension_sections")
-    got = [int(field.parts[i][0]) for i in field.data] if field is not None else None
+    # Read without gguf-py's GGUFReader, which decodes the whole 248k-token vocabulary first
+    # (about 25 s per smoke on the demo, for a 4-number key).
+    meta = read_layout(text_gguf, numbers=(".rope.dimension_sections",))["meta"]
+    arch = meta["general.architecture"]
+    got = meta.get(f"{arch}.rope.dimension_sections")
     if got != want:
         raise ForgeError("the text model's M-RoPE sections are not the checkpoint's: its image tokens would "
                          "rotate by the wrong positions", where=f"{where}: {arch}.rope.dimension_sections",

@@ -31,6 +31,30 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Every forge step the tests' doit runs took, as (test, task, seconds): the session's summary adds
+# them up per kind of step, so CI's log shows where the test budget goes beneath pytest's
+# per-test durations (a training, a smoke or a conversion repeated across tests).
+STEP_TIMES: list[tuple[str, str, float]] = []
+_DONE_IN = re.compile(r"^  (\S+?): done in ([0-9.]+) s$", re.M)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not STEP_TIMES:
+        return
+    by_kind: dict[str, list[float]] = {}
+    by_test: dict[str, float] = {}
+    for test, task, secs in STEP_TIMES:
+        by_kind.setdefault(task.split(":", 1)[0], []).append(secs)
+        by_test[test] = by_test.get(test, 0.0) + secs
+    tr = terminalreporter
+    tr.section("forge steps the tests ran, by kind")
+    for kind, times in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
+        tr.write_line(f"{sum(times):8.1f} s  {len(times):4d} x  {kind}")
+    tr.write_line(f"{sum(s for *_, s in STEP_TIMES):8.1f} s  in all; the tests spending most in steps:")
+    for test, secs in sorted(by_test.items(), key=lambda kv: -kv[1])[:10]:
+        tr.write_line(f"{secs:8.1f} s  {test}")
+
+
 _FETCH_FAILED: list[str] = []  # one try per test session: offline, every test would wait out the timeout
 
 
@@ -138,7 +162,7 @@ class Workspace:
         path.write_text(json.dumps(data, indent=2) + "\n")
         return path
 
-    def seed(self, store: Path, kinds: tuple[str, ...]) -> None:
+    def seed(self, store: Path, kinds: tuple[str, ...], build: Path | None = None) -> None:
         """Give this workspace's store the complete entries of these kinds from another store, as
         hard links: the forge then finds them "already in the store" (as a second checkout sharing a
         store would) instead of rebuilding them -- above all the demo's trained source, whose
@@ -148,7 +172,7 @@ class Workspace:
             for entry in sorted((store / kind).iterdir()) if (store / kind).is_dir() else []:
                 if ".partial-" in entry.name or not (entry / "manifest.json").is_file():
                     continue
-                dest = self.build / "store" / kind / entry.name
+                dest = (build or self.build) / "store" / kind / entry.name
                 if not dest.exists():
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copytree(entry, dest, copy_function=os.link)
@@ -158,6 +182,8 @@ class Workspace:
             self.stats_file.unlink()
         proc = subprocess.run(DOIT + list(args), capture_output=True, text=True, env=self.env(**env),
                               timeout=timeout, cwd=self.root)
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+        STEP_TIMES.extend((test, task, float(secs)) for task, secs in _DONE_IN.findall(proc.stdout))
         stats = []
         if self.stats_file.exists():
             stats = [json.loads(line) for line in self.stats_file.read_text().splitlines() if line]

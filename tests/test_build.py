@@ -192,15 +192,18 @@ def test_editing_one_alloys_quant_reruns_only_its_quantize_and_after(demo_worksp
 
 def test_quantize_killed_midway_is_never_taken_as_done(demo_workspace):
     ws = demo_workspace
-    ws.add_alloy("demo-kill", quant="Q6_K")
+    # A type no other test builds on the session's demo source (test_record builds Q6_K there): the
+    # quantize must run here, whatever order the tests run in.
+    ws.add_alloy("demo-kill", quant="Q4_K_S")
     store = ws.build / "store" / "quantize"
     before = set(store.iterdir())
+    assert not list(store.glob("*/model-Q4_K_S.gguf")), "a Q4_K_S of the demo is already in the store"
     proc = subprocess.Popen(DOIT + ["alloy=demo-kill"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=ws.env(), cwd=ws.root, start_new_session=True)
     partial = None
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
-        hits = [p for p in store.glob("*.partial-*/model-Q6_K.gguf") if p.stat().st_size > 0]
+        hits = [p for p in store.glob("*.partial-*/model-Q4_K_S.gguf") if p.stat().st_size > 0]
         if hits:
             partial = hits[0]
             os.killpg(proc.pid, signal.SIGKILL)
@@ -216,16 +219,16 @@ def test_quantize_killed_midway_is_never_taken_as_done(demo_workspace):
     assert_ok(run)
     assert "quantize:demo-kill" in run.executed
     assert not list(store.glob("*.partial-*"))
-    out = ws.variant("demo-kill") / "demo-kill-Q6_K.gguf"
+    out = ws.variant("demo-kill") / "demo-kill-Q4_K_S.gguf"
     # The finished file is exactly what llama-quantize gives when nothing interrupts it.
     lock = ws.lock()["variants"]["demo-kill"]
     convert = ws.build / "store" / "convert" / lock["keys"]["convert"] / "model-BF16.gguf"
     from compiler.toolchain import tool
 
     imatrix = ws.build / "store" / "imatrix" / lock["keys"]["imatrix"]
-    clean = ws.root / "clean-Q6_K.gguf"
+    clean = ws.root / "clean-Q4_K_S.gguf"
     subprocess.run([str(tool("llama-quantize")), "--imatrix", "imatrix.gguf",
-                    str(convert), str(clean), "Q6_K", "2"], check=True, capture_output=True, cwd=imatrix)
+                    str(convert), str(clean), "Q4_K_S", "2"], check=True, capture_output=True, cwd=imatrix)
     assert sha256(out) == sha256(clean)
 
 

@@ -45,10 +45,16 @@ def test_the_demo_builds_on_another_kernel_class_and_verify_says_it_has_no_refer
     assert f"compared, identical: {', '.join(compared)}" in check.out
     assert "not compared: model.safetensors, demo-Q4_K_M.gguf, mmproj-demo-F16.gguf" in check.out
     assert "variants byte-identical" in check.out and "0 of 1" in check.out
-    report = json.loads((ws.build / "verify" / "report.json").read_text())["variants"][0]
+    summary = json.loads((ws.build / "verify" / "report.json").read_text())
+    report = summary["variants"][0]
     assert report["no_reference"] == {"lock": there, "here": here}
     assert all(f["matches"] is None and f["compared"] is False for f in report["files"])
+    # This is the tests' one verify rebuild from nothing: in a fresh dir of its own it trained,
+    # converted and quantized (tests/test_verify.py compares on a kept rebuild).
     (kept,) = (ws.build / "verify").glob("run-*")
+    assert summary["rebuilt_from_nothing"] is True and "rebuilding quantize:demo" in check.out
+    for kind in ("synthetic", "convert", "quantize", "mmproj"):
+        assert any((kept / "store" / kind).glob("*/manifest.json")), kind
 
     # The kept rebuild is a build dir like any: the demo finishes there -- quality gate, envelope and
     # the smoke's vision suite, gated on this class's fixture -- without training a second time.

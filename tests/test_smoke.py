@@ -103,3 +103,57 @@ def test_smoke_with_gpu_required_fails_on_a_machine_without_one(demo_workspace):
     assert run.proc.returncode != 0
     assert "gpu=required but this llama.cpp build has no GPU device" in run.out
     assert not any(t.startswith("receipt:demo@") for t in run.executed)
+
+
+def _decode(tokens, tops):
+    return [0, len(tokens), tokens, tops]
+
+
+def test_together_agrees_with_alone_through_rounding_and_a_tie_but_not_through_a_real_difference():
+    """The alone check judges what a GPU's batched kernels may change (rounding, so near-tied top-8
+    entries swapping or a tied greedy choice going the other way) apart from what a sequence that
+    reads another's cache changes (logits moved by far more)."""
+    from compiler.smoke_run import agree
+
+    top = [(5, 20.0), (9, 12.0), (3, 11.00), (4, 10.99), (7, 9.0), (8, 8.5), (1, 8.0), (2, 7.0)]
+    alone = _decode([5, 9], [top, top])
+    # Identical decodes agree at any tolerance, exactly at 0.
+    assert agree(alone, alone, 0.0) == (True, 0.0, None) and agree(alone, alone, 1e-2)[0]
+    # Two near-tied entries (11.00 and 10.99) swap places: rounding, within 1%; not exact.
+    swapped = [(5, 20.01), (9, 12.0), (4, 11.00), (3, 10.995), (7, 9.0), (8, 8.5), (1, 8.0), (2, 7.0)]
+    ok, diff, tie = agree(alone, _decode([5, 9], [swapped, swapped]), 1e-2)
+    assert ok and tie is None and abs(diff - 0.01) < 1e-9
+    assert not agree(alone, _decode([5, 9], [swapped, swapped]), 0.0)[0]
+    # The 8th entry changes for one just below the cutoff.
+    cut = top[:7] + [(6, 6.99)]
+    assert agree(alone, _decode([5, 9], [cut, cut]), 1e-2)[0]
+    # A greedy choice between two tied tokens goes the other way: compared up to there, then apart.
+    tied = [(5, 20.0), (6, 19.9)] + top[2:]
+    tied_b = [(6, 20.0), (5, 19.95)] + top[2:]
+    ok, _, tie = agree(_decode([5, 9], [tied, top]), _decode([6, 3], [tied_b, top]), 1e-2)
+    assert ok and tie == 0
+    assert not agree(_decode([5, 9], [tied, top]), _decode([6, 3], [tied_b, top]), 0.0)[0]
+    # What a neighbour's cache does: a token far from tied, or a value moved by several percent.
+    far = [(9, 21.0), (5, 15.0)] + top[2:]
+    assert not agree(alone, _decode([9, 9], [far, top]), 1e-2)[0]
+    moved = [(5, 20.0), (9, 12.5)] + top[2:]
+    assert agree(alone, _decode([5, 9], [moved, top]), 1e-2)[:1] == (False,)
+    stranger = [(5, 20.0), (9, 12.0), (0, 11.5)] + top[3:]
+    assert not agree(alone, _decode([5, 9], [stranger, stranger]), 1e-2)[0]
+
+
+def test_top_ids_are_a_stable_sorts_first_ids_ties_included():
+    # The smoke's top-8 per generated token: the same ids, in the same order, as a stable sort of
+    # the whole vocabulary -- including a trained fixture's untrained tokens, all exactly 0.
+    from compiler.smoke_run import top_ids
+
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n = int(rng.integers(10, 5000))
+        x = rng.integers(-3, 4, size=n).astype(np.float32) if trial % 2 else rng.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:
+            x[rng.integers(0, n, size=n // 2)] = 0.0
+        assert top_ids(x, 8).tolist() == np.argsort(-x, kind="stable")[:8].tolist(), trial
+    fixture_like = np.zeros(248320, np.float32)
+    fixture_like[[7, 3, 4000]] = [2.0, 5.0, -1.0]
+    assert top_ids(fixture_like, 8).tolist() == [3, 7, 0, 1, 2, 4, 5, 6]

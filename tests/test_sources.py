@@ -7,6 +7,7 @@ says what and for which alloy, bad weights are refused before anything is quanti
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -142,10 +143,22 @@ def test_hub_branch_pinned_resumed_verified_and_moved(tmp_path, hub, checkpoint)
     moved["chat_template.jinja"] = OWN_TEMPLATE.replace("assistant", "assistant (moved)").encode()
     second = hub.seed(REPO, moved)
     served = hub.served_bytes(REPO)
-    check = ws.doit("verify", "alloy=tiny-hub", **env)
+    check = ws.doit("verify", "alloy=tiny-hub", "keep=1", **env)
     assert_ok(check)
     assert "verify: 1 of 1 variants byte-identical to the lock" in check.out
     assert hub.served_bytes(REPO) == served  # not one byte downloaded
+    # ...in a build dir of its own: the conversion and quantization ran again there, none taken
+    # from the workspace's store (where the same keys stand built).
+    (kept,) = (ws.build / "verify").glob("run-*")
+    assert json.loads((ws.build / "verify" / "report.json").read_text())["rebuilt_from_nothing"] is True
+    for kind in ("convert", "quantize"):
+        mine = {p.name for p in (ws.build / "store" / kind).iterdir()}
+        theirs = {p.name for p in (kept / "store" / kind).iterdir()}
+        assert theirs and theirs <= mine, kind
+        for key in theirs:
+            assert not os.path.samefile(next((kept / "store" / kind / key).glob("*.gguf")),
+                                        next((ws.build / "store" / kind / key).glob("*.gguf")))
+    shutil.rmtree(kept)
 
     # 4. doit sees the new commit, says so, and rebuilds from it; the lock records it.
     again = ws.doit("alloy=tiny-hub", **env)

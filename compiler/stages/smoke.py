@@ -45,7 +45,9 @@ def run(step, out, inputs, log, ctx):
             f"(its score {r['score']:.2f}; {'gated at ' + str(r['min_agreement']) if r['gated'] else 'reported'})")
     log(f"personas: {pers['n_seq_max']} sequences (kv_unified {pers['kv_unified']}): isolated {pers['isolated']}, "
         f"equal alone {pers['equal_alone']} ({'gated' if pers['alone_gated'] else 'reported, not gated'}), "
-        f"largest logit difference from alone {pers['max_logit_diff']}")
+        f"largest logit difference from alone {pers['max_logit_diff']}"
+        + (f", parted from alone on a tie at steps {pers['parted_on_a_tie']}"
+           if any(x is not None for x in pers.get("parted_on_a_tie", [])) else ""))
     log("timings: " + ", ".join(f"{k} {val}" for k, val in report["timings"].items()))
     log(f"placement: backend {place['backend']}, layers on GPU {place['layers_offloaded']}, projector on "
         f"{place['projector_device']}, host weights {place['host_model_mib']} MiB (input embedding "
