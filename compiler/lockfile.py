@@ -36,17 +36,25 @@ def platform_class(variant) -> str | None:
     return variant.steps["source"].params.get("train", {}).get("platformClass")
 
 
+def other_class(variant, entry: dict | None) -> dict | None:
+    """{"lock": the class a lock entry's hashes hold for, "here": the class this machine trains}, where
+    the two differ: the entry is then no reference for this machine's bytes (None otherwise, and for
+    a source that is not trained)."""
+    here, there = platform_class(variant), (entry or {}).get("source", {}).get("platformClass")
+    return {"lock": there, "here": here} if here and there and here != there else None
+
+
 def committed_class_elsewhere(variant) -> str | None:
     """The platform class the committed lock records this variant for, where it is another than the
     one this machine trains: those hashes are no reference here, and this build must not replace them."""
-    here = platform_class(variant)
-    if here is None:
+    if platform_class(variant) is None:
         return None
     try:
-        there = read(lock_path())["variants"].get(variant.id, {}).get("source", {}).get("platformClass")
+        entry = read(lock_path())["variants"].get(variant.id)
     except (OSError, ValueError, ForgeError):
         return None
-    return there if there and there != here else None
+    other = other_class(variant, entry)
+    return other["lock"] if other else None
 
 
 def path_for(variant, record_experiments: bool = False) -> Path:

@@ -105,11 +105,10 @@ def verify_variant(vid: str, entry: dict, fresh: Path, log) -> dict:
     report["toolchain_changed"] = _toolchain_diff(entry["toolchain"], current_tc)
     # A trained source's bytes (and so every output's) hold within one CPU kernel class: a lock
     # written on another class is no reference for them here (compiler/kernels.py).
-    from .lockfile import platform_class
+    from .lockfile import other_class
 
-    here, there = platform_class(variant), entry["source"].get("platformClass")
-    if here and there and here != there:
-        report["no_reference"] = {"lock": there, "here": here}
+    if other := other_class(variant, entry):
+        report["no_reference"] = other
 
     # The projector step is the converted projector or, for a quantized one, its mmproj-quantize step.
     makers = [variant.steps[r] for r in ("quantize", "projector") if r in variant.steps]

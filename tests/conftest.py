@@ -196,6 +196,14 @@ class Workspace:
         return json.loads((self.alloys / "forge.lock.json").read_text())
 
 
+def python_json(args: list[str], timeout: int = 900, **kwargs) -> dict:
+    """Run `python ARGS` (a module of ours, or -c code), which must succeed, and read the JSON object
+    its stdout ends with (a report, keys, a plan)."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def assert_ok(run: Run) -> None:
     assert run.proc.returncode == 0, run.out[-6000:]
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from compiler.stages import smoke
-from conftest import ROOT
+from conftest import ROOT, python_json
 
 pytestmark = pytest.mark.build
 
@@ -29,11 +29,8 @@ def smoke_params(ws, variant="demo") -> dict:
 def run_smoke(text: Path, mmproj: Path, params: dict, tmp_path: Path, reference: Path | None = None) -> dict:
     path = tmp_path / "params.json"
     path.write_text(json.dumps(params["run"]))
-    proc = subprocess.run([sys.executable, "-m", "compiler.smoke_run", str(text), str(mmproj), str(path),
-                           *([str(reference)] if reference else [])],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return python_json(["-m", "compiler.smoke_run", str(text), str(mmproj), str(path),
+                        *([str(reference)] if reference else [])])
 
 
 def families(report) -> dict:

@@ -3,12 +3,9 @@ steps (quantize, imatrix, gate) but not the demo's generation or its conversion;
 package change re-keys those."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import ROOT, python_json
 
 KEYS = ("from compiler.graph import compile_graph; "
         "p = compile_graph({'alloy': 'demo'}); "
@@ -16,10 +13,7 @@ KEYS = ("from compiler.graph import compile_graph; "
 
 
 def keys(tmp_path, **env) -> dict:
-    out = subprocess.run([sys.executable, "-c", KEYS], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ, FORGE_BUILD_DIR=str(tmp_path / "build"), **env))
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.splitlines()[-1])
+    return python_json(["-c", KEYS], cwd=ROOT, env=dict(os.environ, FORGE_BUILD_DIR=str(tmp_path / "build"), **env))
 
 
 def test_a_compiler_change_rekeys_quantize_but_not_the_source_or_conversion(tmp_path):

@@ -6,16 +6,14 @@ import json
 import subprocess
 import sys
 
-from conftest import DEMO_ALLOY, ROOT, Workspace
+from conftest import DEMO_ALLOY, ROOT, Workspace, python_json
 
 PLAN = ("import json; from compiler.graph import compile_graph; p = compile_graph({'alloy': 'demo'}); "
         "v = p.variants[0]; print(json.dumps([v.config['tier']['n_ctx'], v.llama_type]))")
 
 
 def planned(ws: Workspace) -> list:
-    proc = subprocess.run([sys.executable, "-c", PLAN], capture_output=True, text=True, env=ws.env(), cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return python_json(["-c", PLAN], env=ws.env(), cwd=ROOT)
 
 
 def test_a_conf_edit_and_an_alloy_edit_are_seen_through_the_caches(tmp_path):

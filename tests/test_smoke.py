@@ -4,15 +4,13 @@ reruns when the tier's settings change."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from compiler import preservation, sizing
 from compiler.errors import ForgeError
-from conftest import assert_ok
+from conftest import assert_ok, python_json
 
 pytestmark = pytest.mark.build
 
@@ -21,10 +19,8 @@ def smoke_run(folder, tmp_path, **params):
     p = {"n_ctx": 4096, "n_seq_max": 3, "n_batch": 512, "max_tokens": 6, "image_px": 448, "vision_items": 3, **params}
     path = tmp_path / "params.json"
     path.write_text(json.dumps(p))
-    proc = subprocess.run([sys.executable, "-m", "compiler.smoke_run", str(folder / "demo-Q4_K_M.gguf"),
-                           str(folder / "mmproj-demo-F16.gguf"), str(path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return python_json(["-m", "compiler.smoke_run", str(folder / "demo-Q4_K_M.gguf"),
+                        str(folder / "mmproj-demo-F16.gguf"), str(path)], timeout=600)
 
 
 def test_three_personas_together_equal_each_alone_and_a_shared_sequence_is_caught(demo_workspace, tmp_path):
