@@ -274,12 +274,14 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                                  f"{sparams.get('commit', 'none recorded')}")
             outtype = pick(alloy.convert_type, cfg["convert"]["outtype"], "convert.outtype")
             model_name = alloy.source["baseModel"].split("/")[-1]
-            # Weights and config checked before anything is quantized; quantize waits for it, but its
-            # key does not hold the check's (a better check must not re-quantize 55 GB).
+            # Weights and config checked before anything is converted: every step that reads the
+            # source waits for it (a NaN checkpoint costs no conversion, projector, imatrix or
+            # reference logits), but no key holds the check's (a better check must not re-convert 55 GB).
             validate = add("validate", src_label, "validate", {"max_abs": cfg["weights"]["max_abs"]},
-                           [("source", source)], toolchain, f"check {model_name}'s config and weights before quantizing")
+                           [("source", source)], toolchain, f"check {model_name}'s config and weights before converting")
             convert = add("convert", src_label, "convert", {"outtype": outtype, "model_name": model_name},
-                          [("source", source)], toolchain, f"convert {model_name} text model to {outtype.upper()} GGUF")
+                          [("source", source)], toolchain, f"convert {model_name} text model to {outtype.upper()} GGUF",
+                          after=[validate])
             qstage = alloy.stage("quant")
             calibration = qstage.get("calibration")
             imatrix = None
@@ -299,7 +301,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             mmproj = None
             if alloy.vision:
                 mmproj = add("mmproj", src_label, "mmproj", {"outtype": "f16", "model_name": model_name},
-                             [("source", source)], toolchain, f"convert {model_name} vision projector to F16 GGUF")
+                             [("source", source)], toolchain, f"convert {model_name} vision projector to F16 GGUF",
+                             after=[validate])
             quantize = add("quantize", vid, "quantize", qparams,
                            [("model", convert)] + ([("imatrix", imatrix)] if imatrix else []), toolchain,
                            f"quantize {alloy.name} to {q['label']}" + (" with an importance matrix" if imatrix else ""),
@@ -380,7 +383,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                 # The projector as F32, the reference the shipped type's answers are checked against.
                 reference_mmproj = add("mmproj", f"{src_label}-f32", "mmproj", {"outtype": "f32", "model_name": model_name},
                                        [("source", source)], toolchain,
-                                       f"convert {model_name} vision projector to F32 GGUF (the smoke's reference)")
+                                       f"convert {model_name} vision projector to F32 GGUF (the smoke's reference)",
+                                       after=[validate])
                 v.steps["smoke"] = add("smoke", vid, "smoke", smoke_params,
                                        [("text", quantize), ("mmproj", v.steps["projector"]), ("source", source),
                                         ("reference_mmproj", reference_mmproj)],

@@ -244,10 +244,15 @@ def test_failures_each_named_and_the_others_build(tmp_path, hub, checkpoint):
     assert "config.json: the downloaded bytes do not match the Hub's hash" in out and "alloy bad-bytes" in out
     assert "alloy local-nan" in out and "model.language_model.layers.1.mlp.down_proj.weight holds nan" in out
     assert "alloy local-holed" in out and "model.visual.blocks.1.mlp.linear_fc1.weight" in out
+    ran = set(l.split()[-1] for l in proc.stdout.splitlines() if l.startswith(".  "))
     for bad in ("needs-login", "no-such-repo", "bad-bytes", "local-nan", "local-holed"):
         assert summary[bad].startswith("failed"), (bad, summary[bad])
-        assert f"quantize:{bad}" not in set(l.split()[-1] for l in proc.stdout.splitlines() if l.startswith(".  "))
+        assert f"quantize:{bad}" not in ran
         assert not (ws.build / "variants" / bad).exists()
+    # Refused weights cost nothing after the check: no conversion, projector, imatrix or reference logits.
+    for label in ("qwen3.5-tiny-nan", "qwen3.5-tiny-holed"):
+        assert f"validate:{label}" in ran
+        assert not {t for t in ran if t.split(":", 1)[1].startswith(label) and not t.startswith(("source:", "validate:"))}, ran
     lock = ws.lock()["variants"]
     assert set(lock) == {"local-good"} and lock["local-good"]["source"]["kind"] == "local"
 
