@@ -7,8 +7,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,55 @@ def _sha256_bytes(data: bytes) -> str:
 # per-test durations (a training, a smoke or a conversion repeated across tests).
 STEP_TIMES: list[tuple[str, str, float]] = []
 _DONE_IN = re.compile(r"^  (\S+?): done in ([0-9.]+) s$", re.M)
+
+
+class Background:
+    """A slow command one test needs, started as the session starts (pytest_collection_finish) at
+    the lowest CPU priority: it runs on what the other tests leave of the cores, and its test waits
+    for what is left of it. Nothing it computes depends on its priority or on when it runs."""
+
+    def __init__(self, args: list[str], env: dict, cwd: Path, root: Path):
+        self.root, self.log = root, root / "background.log"
+        self.started = time.monotonic()
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                         preexec_fn=lambda: os.nice(19), start_new_session=True)
+
+    def wait(self, timeout: int) -> subprocess.CompletedProcess:
+        rc = self.proc.wait(timeout=max(1, timeout - (time.monotonic() - self.started)))
+        return subprocess.CompletedProcess(self.proc.args, rc, self.log.read_text(errors="replace"), "")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+BACKGROUND: dict[str, Background | None] = {}
+
+
+def pytest_collection_finish(session):
+    # A test module may offer `start_in_background(root) -> Background | None`: started once, here,
+    # when one of its tests is selected; the `background` fixture hands it to them.
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        module = getattr(item, "module", None)
+        start = getattr(module, "start_in_background", None)
+        if start and module.__name__ not in BACKGROUND:
+            BACKGROUND[module.__name__] = start(Path(tempfile.mkdtemp(prefix=f"forge-{module.__name__}-")))
+
+
+def pytest_sessionfinish(session):
+    for job in BACKGROUND.values():
+        if job is not None:
+            job.stop()
+
+
+@pytest.fixture
+def background(request) -> Background | None:
+    return BACKGROUND.get(request.module.__name__)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -8,34 +8,47 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from compiler.kernels import machine
-from conftest import DEMO_ALLOY, ROOT, Run, Workspace, assert_ok
+from conftest import DEMO_ALLOY, ROOT, Background, Run, Workspace, assert_ok
 
 pytestmark = pytest.mark.build
 DEFAULT_KERNELS = {"FORGE_TRAIN_KERNELS": "default"}
 
 
-def test_the_demo_builds_on_another_kernel_class_and_verify_says_it_has_no_reference(tmp_path):
+def _classes() -> tuple[str, str]:
     committed = json.loads((ROOT / "alloys" / "forge.lock.json").read_text())
-    there = committed["variants"]["demo"]["source"]["platformClass"]
-    here = f"{machine()}-default"
+    return committed["variants"]["demo"]["source"]["platformClass"], f"{machine()}-default"
+
+
+def start_in_background(root: Path) -> Background | None:
+    """verify (as `python -m compiler.verify`, whose exit status tells this outcome apart; `doit
+    verify` says the same and fails with doit's 1): a rebuild from nothing with this class's
+    kernels -- the default kernels' training is the tests' longest step (~400 s here), so it starts
+    with the session, at the lowest priority (conftest.Background)."""
+    there, here = _classes()
     if there == here:
-        pytest.skip(f"the committed lock is {here}'s own: nothing to reproduce")
-    ws = Workspace(tmp_path / "other-class")
+        return None
+    ws = Workspace(root / "other-class")
     shutil.copy(DEMO_ALLOY, ws.alloys / DEMO_ALLOY.name)
     shutil.copy(ROOT / "alloys" / "forge.lock.json", ws.alloys / "forge.lock.json")
-    lock_before = (ws.alloys / "forge.lock.json").read_text()
+    return Background([sys.executable, "-m", "compiler.verify", "alloy=demo", "keep=1"],
+                      ws.env(**DEFAULT_KERNELS), ROOT, root)
 
-    # verify (as `python -m compiler.verify`, whose exit status tells this outcome apart; `doit
-    # verify` says the same and fails with doit's 1): a rebuild from nothing with this class's
-    # kernels, then what could be compared.
-    proc = subprocess.run([sys.executable, "-m", "compiler.verify", "alloy=demo", "keep=1"], capture_output=True,
-                          text=True, cwd=ROOT, env=ws.env(**DEFAULT_KERNELS), timeout=1800)
+
+def test_the_demo_builds_on_another_kernel_class_and_verify_says_it_has_no_reference(background):
+    committed = json.loads((ROOT / "alloys" / "forge.lock.json").read_text())
+    there, here = _classes()
+    if there == here:
+        pytest.skip(f"the committed lock is {here}'s own: nothing to reproduce")
+    ws = Workspace(background.root / "other-class")
+    lock_before = (ROOT / "alloys" / "forge.lock.json").read_text()  # the workspace's copy of it
+
+    proc = background.wait(timeout=2400)
     check = Run(proc, [])
     assert check.proc.returncode == 3, check.out[-4000:]
     assert "demo: NO REFERENCE" in check.out and "MISMATCH" not in check.out
