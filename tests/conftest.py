@@ -41,6 +41,18 @@ STEP_TIMES: list[tuple[str, str, float]] = []
 _DONE_IN = re.compile(r"^  (\S+?): done in ([0-9.]+) s$", re.M)
 
 
+def _lowest_priority() -> None:
+    """In the child, after setsid: nice 19, and where Linux groups a session's processes for the
+    scheduler (autogroup), that group's nice too -- otherwise the new session gets an equal share
+    against the tests' own, whatever its processes' nice values."""
+    os.nice(19)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write("19")
+    except OSError:
+        pass
+
+
 class Background:
     """A slow command one test needs, started as the session starts (pytest_collection_finish) at
     the lowest CPU priority: it runs on what the other tests leave of the cores, and its test waits
@@ -51,7 +63,7 @@ class Background:
         self.started = time.monotonic()
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                         preexec_fn=lambda: os.nice(19), start_new_session=True)
+                                         preexec_fn=_lowest_priority, start_new_session=True)
 
     def wait(self, timeout: int) -> subprocess.CompletedProcess:
         rc = self.proc.wait(timeout=max(1, timeout - (time.monotonic() - self.started)))
