@@ -16,11 +16,18 @@ _PCT = re.compile(r"(\d{1,3})%\|")
 _FRACTION = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 
 
+def _console_line(text: str) -> None:
+    # One write per line: print() writes the text and its newline separately, and doit's own
+    # ".  task" line, written from another thread between the two, then joined this line (seen in CI).
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 class StepLog:
     def __init__(self, path: Path, task: str, echo=None):
         self.path = Path(path)
         self.task = task
-        self.echo = echo or (lambda s: print(s, flush=True))
+        self.echo = echo or _console_line
         self.file = open(self.path, "a", encoding="utf-8", errors="replace")
         self.started = time.monotonic()
         self._tail: list[str] = []
