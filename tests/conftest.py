@@ -79,6 +79,12 @@ class Background:
 BACKGROUND: dict[str, Background | None] = {}
 
 
+def pytest_collection_modifyitems(session, config, items):
+    # Tests that wait for a background job run last: the job has had the whole session's spare
+    # cycles by then, and the wait is only for what is left of it. Otherwise in collection order.
+    items.sort(key=lambda item: "background" in getattr(item, "fixturenames", ()))
+
+
 def pytest_collection_finish(session):
     # A test module may offer `start_in_background(root) -> Background | None`: started once, here,
     # when one of its tests is selected; the `background` fixture hands it to them.
