@@ -16,6 +16,21 @@ from .paths import SCHEMA_DIR
 # rather than silently half-built.
 SUPPORTED_STAGES = ("modality", "quant", "publish")
 ALLOY_SUFFIX = ".alloy.json"
+# The quant types the published forge-alloy schema names (QuantStage.quantTypes of
+# CambrianTech/forge-alloy's schema/forge-alloy.schema.json, as pinned in tests/conftest.py, which
+# checks this list against it). Our dialect takes any llama-quantize type, but a variant of a type
+# outside this list is not a forge-alloy the product's pipeline accepts: an experiment, said so in
+# the lock and the card, never a committed recipe (tests/test_alloy_schema.py).
+PUBLISHED_QUANT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M",
+                         "Q6_K", "Q8_0", "F16", "F32")
+
+
+def outside_published_schema(llama_type: str) -> str | None:
+    """Why a variant of this quant type is an experiment by the published schema, or None."""
+    if llama_type.upper() in PUBLISHED_QUANT_TYPES:
+        return None
+    return (f"{llama_type.upper()} is not among the published forge-alloy schema's quantTypes: an experiment, "
+            "not a committed recipe")
 
 
 @dataclass(frozen=True)

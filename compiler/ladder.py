@@ -15,13 +15,27 @@ import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 GB = 10**9
 MB = 10**6
-# Continuum's probe: Apple chip family from the CPU brand string, total RAM thresholds (FACTS.md).
-M4_TIER_MB, AIR_TIER_MB = 24_000, 14_000
 # Metal's recommendedMaxWorkingSetSize as a share of unified memory (FACTS.md, "Apple Silicon").
 METAL_SHARE = [(16, 0.67), (18, 0.74), (36, 0.78), (128, 0.84)]
+RULES = "seed"  # conf/ladder/<name>.yaml: seed (the forge's tiers, the default) or continuum-pr1003
+
+
+def load_rules(name: str = RULES) -> dict:
+    """A set of tier rules from conf/ladder/ (compiler/conf_schema.py's LadderRules shape)."""
+    import yaml
+
+    from .errors import ForgeError
+    from .paths import conf_dir
+
+    path = conf_dir() / "ladder" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(q.stem for q in (conf_dir() / "ladder").glob("*.yaml"))
+        raise ForgeError(f"unknown ladder rules {name!r}: {path} does not exist (known: {', '.join(known)})")
+    return yaml.safe_load(path.read_text())
 
 
 @dataclass
@@ -61,26 +75,44 @@ def apple_silicon(brand: str) -> bool:
     return bool(re.search(r"\bApple M\d", brand))
 
 
-def tier_of(p: Profile) -> tuple[str | None, str | None, str]:
-    """(tier, backend, why) from the hardware alone."""
+@dataclass
+class Pick:
+    """What a set of rules makes of the hardware alone: a tier (the seed's rules) or a largest model
+    size (the product's), the backend, and why -- or a refusal (backend None)."""
+    tier: str | None
+    backend: str | None
+    why: str
+    max_parameters: int | None = None
+
+
+def tier_of(p: Profile, rules: dict | None = None) -> Pick:
+    rules = rules or load_rules()
     if p.gpu_vendor == "apple" or apple_silicon(p.cpu_brand):
-        mb = p.total_memory_gb * 1000
-        if mb >= M4_TIER_MB:
-            return "m4", "metal", f"Apple Silicon with {p.total_memory_gb:g} GB unified memory (>= 24,000 MB)"
-        if mb >= AIR_TIER_MB:
-            return "m4", "metal", (f"Apple Silicon with {p.total_memory_gb:g} GB unified memory: the m4 tier's "
-                                   f"smaller end (14,000-24,000 MB)")
-        return "air", "metal", f"Apple Silicon with {p.total_memory_gb:g} GB unified memory (< 14,000 MB)"
+        for r in rules["apple"]:
+            if p.total_memory_gb * 1000 >= r.get("min_mb", r.get("min_gb", 0) * 1000):
+                why = f"Apple Silicon with {p.total_memory_gb:g} GB unified memory ({r['why']})"
+                if r.get("refuse"):
+                    return Pick(None, None, f"{why}: rules {rules['name']}")
+                return Pick(r.get("tier"), "metal", why, r.get("max_parameters"))
     if p.os == "macos":
-        return None, None, (f"an Intel Mac ({p.cpu_brand}): no Apple GPU for Metal and no CUDA; "
-                            "the product needs Apple Silicon or an NVIDIA GPU")
+        return Pick(None, None, (f"an Intel Mac ({p.cpu_brand}): no Apple GPU for Metal and no CUDA; "
+                                 "the product needs Apple Silicon or an NVIDIA GPU"))
     if p.gpu_vendor == "nvidia" and p.vram_gb:
-        tier = "corvette" if p.vram_gb >= 23.5 else None
-        why = f"NVIDIA {p.gpu_name or 'GPU'} with {p.vram_gb:g} GB VRAM"
-        return tier, "cuda", why + ("" if tier else " (below the corvette tier's 24 GB; smaller entries may fit)")
+        name = p.gpu_name or "GPU"
+        why = f"{'' if name.startswith('NVIDIA') else 'NVIDIA '}{name} with {p.vram_gb:g} GB VRAM"
+        for r in rules["nvidia"]:
+            if p.vram_gb >= r["min_vram_gb"]:
+                return Pick(r.get("tier"), "cuda", why + (f" ({r['why']})" if r.get("why") else ""),
+                            r.get("max_parameters"))
+        return Pick(None, "cuda", why + " (below the corvette tier's 24 GB; smaller entries may fit)")
     if p.vulkan_devices and p.vram_gb:
-        return None, "vulkan", f"a Vulkan GPU ({p.vulkan_devices[0]}) with {p.vram_gb:g} GB"
-    return None, None, "no Metal, CUDA or Vulkan GPU on this machine; the product never falls back to the CPU"
+        return Pick(None, "vulkan", f"a Vulkan GPU ({p.vulkan_devices[0]}) with {p.vram_gb:g} GB")
+    return Pick(None, None, "no Metal, CUDA or Vulkan GPU on this machine; the product never falls back to the CPU")
+
+
+def parameters_of(entry: dict) -> int | None:
+    params = entry.get("parameters")
+    return None if not params else params["text"] + (params.get("projector") or 0)
 
 
 def fits(entry: dict, p: Profile, backend: str) -> tuple[bool, str]:
@@ -109,13 +141,22 @@ def fits(entry: dict, p: Profile, backend: str) -> tuple[bool, str]:
     return True, "fits"
 
 
-def choose(p: Profile, models: dict) -> Decision:
-    tier, backend, why = tier_of(p)
+def choose(p: Profile, models: dict, rules: dict | None = None) -> Decision:
+    pick = tier_of(p, rules)
+    tier, backend, why = pick.tier, pick.backend, pick.why
     if backend is None:
         return Decision(None, None, None, why)
+    candidates = dict(models)
+    if pick.max_parameters:
+        # The product's rules name a model size: entries larger than it are not candidates.
+        too_big = [a for a, e in models.items() if (parameters_of(e) or 0) > pick.max_parameters]
+        candidates = {a: e for a, e in models.items() if a not in too_big}
+        why += f"; at most {pick.max_parameters / 1e9:.2f}B parameters"
+        if not candidates:
+            return Decision(None, None, backend, f"{why}; no registry entry that small (larger: {', '.join(too_big)})")
     # Largest model first: the best entry is the biggest that fits; the machine's own tier first.
-    ranked = sorted(models.items(), key=lambda kv: (tier not in kv[1]["device_hints"]["tiers"],
-                                                    -kv[1]["envelope"]["weights_bytes"]))
+    ranked = sorted(candidates.items(), key=lambda kv: (tier not in kv[1]["device_hints"]["tiers"],
+                                                        -kv[1]["envelope"]["weights_bytes"]))
     rejected = []
     for alias, entry in ranked:
         ok, because = fits(entry, p, backend)
@@ -123,12 +164,112 @@ def choose(p: Profile, models: dict) -> Decision:
             extra = ""
             if rejected:
                 extra = "; larger entries passed over: " + "; ".join(f"{a}: {r}" for a, r in rejected[:3])
-            if tier is None:
-                tier = entry["tier"]
-            return Decision(tier, alias, backend, f"{why}; {alias} ({entry['quant']}) fits{extra}")
+            return Decision(tier or entry["tier"], alias, backend, f"{why}; {alias} ({entry['quant']}) fits{extra}")
         rejected.append((alias, because))
     return Decision(tier, None, backend, f"{why}; no registry entry fits: " +
                     "; ".join(f"{a}: {r}" for a, r in rejected[:4]))
+
+
+# The device profiles the ladder's tests know (tests/test_ladder_device.py), named as the table says them.
+def _mac(brand, gb, avail):
+    return Profile("macos", brand, gb, avail, "apple" if "Apple" in brand else None)
+
+
+def _nv(name, vram, free=None):
+    return Profile("linux", "AMD Ryzen 9 7950X", 64, 50, "nvidia", name, vram, free if free is not None else vram - 0.5)
+
+
+PROFILES = {
+    "MacBook Air M1 8 GB": _mac("Apple M1", 8, 5.5),
+    "M2 Air 16 GB": _mac("Apple M2", 16, 10),
+    "M3 Pro 18 GB": _mac("Apple M3 Pro", 18, 12),
+    "M2 Pro 24 GB": _mac("Apple M2 Pro", 24, 16),
+    "M4 Max 36 GB": _mac("Apple M4 Max", 36, 28),
+    "M5 Max 48 GB": _mac("Apple M5 Max", 48, 40),
+    "M4 Max 36 GB with little free memory now": _mac("Apple M4 Max", 36, 4),
+    "Intel Mac 32 GB": Profile("macos", "Intel(R) Core(TM) i9-9880H CPU @ 2.30GHz", 32, 20),
+    "RTX 3060 12 GB (8 free)": _nv("NVIDIA GeForce RTX 3060", 12, free=8),
+    "RTX 3090 24 GB": _nv("NVIDIA GeForce RTX 3090", 24),
+    "RTX 4090 24 GB": _nv("NVIDIA GeForce RTX 4090", 24),
+    "RTX 5090 32 GB": _nv("NVIDIA GeForce RTX 5090", 32),
+    "Linux box without a GPU": Profile("linux", "AMD EPYC", 24, 20),
+}
+
+
+def fit_matrix_entries(root=None) -> dict:
+    """Registry-shaped entries for the committed tier alloys from the fit matrix (docs/fit-matrix.json:
+    file sizes from llama-quantize --dry-run and the envelope at each tier's settings), conf/ (the
+    sensory stack and OS reserve) and the official checkpoints' parameter counts (shapes/): the
+    entries the real checkpoints' forges would list, before any of them is built here."""
+    from math import ceil
+
+    from .alloy import load_dir
+    from .config import compose, resolve_quant
+    from .envelope import GiB, sensory_bytes
+    from .paths import ROOT, alloys_dir
+
+    root = root or ROOT
+    rows = {(r["shape"], r["quant"]): r for r in json.loads((root / "docs" / "fit-matrix.json").read_text())}
+    out = {}
+    for alloy in load_dir(alloys_dir()):
+        m = re.search(r"Qwen3\.5-([0-9.]+B)$", alloy.source["baseModel"])
+        if not m:
+            continue  # the demo: no fit-matrix shape
+        shape, quant = m.group(1).lower(), alloy.quant_types[0]
+        row, cfg = rows[(shape, quant)], compose(alloy.tier, resolve_quant(quant, where=alloy.name), [])
+        env = row["tiers"][alloy.tier]
+        mem = cfg["tier"]["memory"]
+        need = env["total_bytes"] + sensory_bytes(cfg) + mem.get("os_reserve_gb", 0) * GiB
+        out[alloy.name] = {
+            "tier": alloy.tier, "quant": quant, "backends": sorted({cfg["tier"]["backend_default"], "vulkan"}),
+            "parameters": {"text": official_parameters(shape), "projector": 0},
+            "envelope": {"weights_bytes": row["text_file_bytes"], "gpu_resident_bytes": env["gpu_resident_bytes"],
+                         "total_bytes": env["total_bytes"]},
+            "device_hints": {"tiers": [alloy.tier],
+                             "min_unified_memory_gb": ceil(need / GiB) if mem["kind"] == "unified" else None,
+                             "min_vram_gb": ceil((env["gpu_resident_bytes"] + mem.get("os_reserve_gb", 0) * GiB) / GiB)
+                             if mem["kind"] == "discrete" else None}}
+    return out
+
+
+def official_parameters(shape: str) -> int:
+    """The official checkpoint's parameter count (text and vision, no MTP head) from its config in
+    shapes/, counted by transformers on the meta device (no weights)."""
+    import torch
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from .paths import ROOT
+
+    config = {k: v for k, v in json.loads((ROOT / "shapes" / f"{shape}.json").read_text()).items()
+              if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+    with torch.device("meta"):
+        model = Qwen3_5ForConditionalGeneration(Qwen3_5Config(**config))
+    return sum(p.numel() for p in model.parameters())
+
+
+def table(models: dict) -> str:
+    """docs/ladder-rules.md: for every known profile, what the seed's tiers and the product's rules
+    pick among `models`."""
+    seed, product = load_rules("seed"), load_rules("continuum-pr1003")
+    lines = ["# Tier rules: the forge's seed tiers against the product's rules (PR #1003)", "",
+             "Generated by `.venv/bin/python -m compiler.ladder --table docs/ladder-rules.md` (checked by",
+             "tests/test_ladder_device.py). Rules: `conf/ladder/seed.yaml` (the default) and",
+             "`conf/ladder/continuum-pr1003.yaml` (select with `--rules continuum-pr1003`). Entries: the committed",
+             "tier alloys as their forges would list them (`compiler.ladder.fit_matrix_entries`: sizes and",
+             "envelopes from docs/fit-matrix.json, parameter counts from shapes/):", ""]
+    for alias, e in sorted(models.items()):
+        lines.append(f"- `{alias}`: {e['quant']}, tier {e['tier']}, {parameters_of(e) / 1e9:.2f}B parameters, "
+                     f"{e['envelope']['total_bytes'] / GB:.2f} GB runtime")
+    lines += ["", "| profile | seed tiers pick | product's rules pick |", "| --- | --- | --- |"]
+    for name, p in PROFILES.items():
+        cells = []
+        for rules in (seed, product):
+            d = choose(p, models, rules)
+            cells.append((f"**{d.entry}** ({d.tier}, {d.backend})" if d.entry else "nothing") + f": {d.reason}")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    agree = sum(choose(p, models, seed).entry == choose(p, models, product).entry for p in PROFILES.values())
+    lines += ["", f"The two agree on {agree} of {len(PROFILES)} profiles.", ""]
+    return "\n".join(lines)
 
 
 def _run(cmd: list[str]) -> str:
@@ -171,13 +312,30 @@ def probe() -> Profile:
     return p
 
 
-def main() -> int:
-    from .registry import read_existing, registry_path
+def main(argv=None) -> int:
+    import argparse
 
+    from .errors import ForgeError
+    from .registry import registry_path
+
+    ap = argparse.ArgumentParser(description="This machine: its profile, its tier and the registry entry chosen")
+    ap.add_argument("--rules", default=RULES, help="conf/ladder/<name>.yaml: seed (default) or continuum-pr1003")
+    ap.add_argument("--table", metavar="PATH", help="write the profiles-by-rules table (docs/ladder-rules.md) and exit")
+    args = ap.parse_args(argv)
+    if args.table:
+        Path(args.table).write_text(table(fit_matrix_entries()))
+        print(f"{args.table}: written")
+        return 0
+    try:
+        rules = load_rules(args.rules)
+        models = json.loads(registry_path().read_text())["models"]
+    except (ForgeError, OSError, ValueError) as e:
+        print(f"ladder: {e}")
+        return 2
     p = probe()
-    models = read_existing()
-    d = choose(p, models)
-    print(json.dumps({"profile": asdict(p), "registry": str(registry_path()), "decision": asdict(d)}, indent=2))
+    d = choose(p, models, rules)
+    print(json.dumps({"profile": asdict(p), "registry": str(registry_path()), "rules": rules["name"],
+                      "decision": asdict(d)}, indent=2))
     return 0
 
 

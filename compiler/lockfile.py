@@ -124,6 +124,22 @@ def chat_template(variant) -> str:
     return rec.file("chat_template.jinja").read_text()
 
 
+def parameters(variant) -> dict:
+    """Parameter counts from the variant's GGUF tensor tables (no weights read): the text model and,
+    where it has one, the projector -- the figure the product's catalog rows and tier rules use."""
+    from math import prod
+
+    from .ggufcheck import read_layout
+
+    def count(role):
+        step = variant.steps.get(role)
+        if step is None:
+            return None
+        return sum(prod(t["dims"]) for t in read_layout(Entry(step.kind, step.key).output())["tensors"])
+
+    return {"text": count("quantize"), "projector": count("projector")}
+
+
 def entry_for(plan, variant) -> dict:
     src_step = variant.steps["source"]
     src = Entry(src_step.kind, src_step.key).manifest()
@@ -140,9 +156,13 @@ def entry_for(plan, variant) -> dict:
         files = sorted(src["files"], key=lambda f: f["filename"])
     import hashlib
 
+    from .alloy import outside_published_schema
+
     template = chat_template(variant)
     trained_on = platform_class(variant)
+    unpublished = outside_published_schema(variant.llama_type)
     return {
+        **({"outsidePublishedSchema": unpublished} if unpublished else {}),
         "alloy": alloy.name,
         "alloyHash": alloy.alloy_hash,
         "chatTemplate": {"name": template_name(template), "sha256": hashlib.sha256(template.encode()).hexdigest()},
@@ -156,6 +176,7 @@ def entry_for(plan, variant) -> dict:
         "keys": {role: s.key for role, s in variant.steps.items() if role != "envelope"},
         "outputs": results["integrity"]["fileHashes"],
         "modelHash": results["integrity"]["modelHash"],
+        "parameters": parameters(variant),
         "envelope": envelope_summary(envelope, variant.steps["envelope"].params["config"]),
         "verification": verification(variant.config["backend"]["name"], smoke),
         "smoke": None if smoke is None else {

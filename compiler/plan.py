@@ -76,7 +76,9 @@ class Variant:
     @property
     def draft_filename(self) -> str | None:
         step = self.steps.get("draft")
-        return None if step is None else f"{self.alloy.name}-MTP-{step.params['outtype'].upper()}.gguf"
+        # mtp-<stem>-<TYPE>.gguf: the ggml-org layout, the name the product's file picker takes as a
+        # draft head (and never as the main model, whatever its mtime).
+        return None if step is None else f"mtp-{self.alloy.name}-{step.params['outtype'].upper()}.gguf"
 
     @property
     def mmproj_filename(self) -> str | None:

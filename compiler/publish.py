@@ -40,6 +40,7 @@ class Checked:
     receipt: dict | None = None
     envelope: dict | None = None
     lock_entry: dict | None = None
+    templates: dict = field(default_factory=dict)  # the lock's chat templates, by name
     refused: list = field(default_factory=list)
     random_weights: bool = False     # staged and shown, but not pushed unless publish.allow_synthetic
 
@@ -91,8 +92,10 @@ def _variant_sections(c: Checked, multi: bool) -> list[str]:
     ver = lock_entry["verification"]
     lines += ["", f"{head}Quality and smoke", "",
               # Which backend the smoke really ran on (llama.cpp's load report): claimed only where it ran.
-              f"Backend: built for `{ver['backend']}`; **{ver['summary']}**.", "",
-              "| check | figures | result |", "| --- | --- | --- |"]
+              f"Backend: built for `{ver['backend']}`; **{ver['summary']}**.", ""]
+    if lock_entry.get("outsidePublishedSchema"):
+        lines += [f"**Experiment:** {lock_entry['outsidePublishedSchema']}.", ""]
+    lines += ["| check | figures | result |", "| --- | --- | --- |"]
     if kld:
         m = kld["metrics"]
         bound = {k: next(iter(v.values())) for k, v in kld.get("thresholds", {}).items()}
@@ -235,6 +238,7 @@ def check(plan, variant, lock: dict) -> Checked:
                             f" -- run `doit alloy={variant.alloy.name}` and read its errors"))
         return c
     c.lock_entry = lock["variants"].get(variant.id)
+    c.templates = lock.get("chatTemplates", {})
     if c.lock_entry is None:
         c.refused.append("the lock does not record it: run `doit` to write its lock entry, and commit the lock")
         return c
@@ -284,7 +288,8 @@ def write_repo(items: list[Checked]) -> Staged:
     registry = {}
     for i, c in enumerate(items):
         (tmp / alloy_filename(c, i == 0)).write_text(json.dumps(c.receipt, indent=2, sort_keys=True) + "\n")
-        registry[alias_for(c.variant.id)] = registry_entry(c.variant.alloy, c.variant.config, c.lock_entry)
+        registry[alias_for(c.variant.id)] = registry_entry(c.variant.alloy, c.variant.config, c.lock_entry,
+                                                                c.templates)
         # As model_registry.json has it: the default quant (published first) and the others.
         registry[alias_for(c.variant.id)]["quants"] = {"default": items[0].variant.label,
                                                        "available": [x.variant.label for x in items]}

@@ -1,14 +1,19 @@
-"""model_registry.json: what the product reads to pick a model per machine.
+"""model_registry.json (what the Continuum product reads to pick a model) and model_catalog.json
+(the rows its current catalog is generated from).
 
 Generated from committed files alone -- the alloys, conf/ and the lock (alloys/forge.lock.json,
-which carries each variant's files, envelope figures and the backend its smoke really ran on) -- so
-the merge job regenerates and checks it on a clean checkout with no build/. An entry appears only
-for a locked variant whose record still matches its alloy (same alloyHash, tier and quant) and that
-passed its envelope and smoke. Validated against schema/registry.schema.json, written with sorted
-keys so the same inputs give the same bytes. Every field today's loader reads (repo, format,
-architecture, description, min_memory_gb, chat_template) keeps its meaning; the vision variants add
-tier, quant, backends, files, the settings the envelope was checked at, its figures, what was
-verified on which backend, and device-tier hints.
+which carries each variant's files, envelope figures, parameter counts and the backend its smoke
+really ran on) -- so the merge job regenerates and checks both on a clean checkout with no build/. An
+entry appears only for a locked variant whose record still matches its alloy (same alloyHash, tier
+and quant) and that passed its envelope and smoke. Validated against schema/registry.schema.json and
+schema/catalog.schema.json, written with sorted keys so the same inputs give the same bytes.
+
+Written for the product's reader (../shared/reference/continuum-product.md): aliases without `/`
+(an id with one is taken as a Hub repo and never looked up); `chat_template` is `chatml`, the one
+name besides `qwen2` it builds a ChatML prompt for, and `chat_templates` holds the product's
+`{system, user, assistant, eos}` object for it; `min_memory_gb` is the model's own need. The GGUF's
+own Jinja template (what llama-server uses with --jinja) goes in our own fields, with what the
+product must add to its ChatML prompt to match it. Everything we add is a key the product ignores.
 
     .venv/bin/python -m compiler.registry --check    # the merge job: exit 1 and a diff when stale
     .venv/bin/python -m compiler.registry --write    # regenerate (what `doit registry` does)
@@ -19,6 +24,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -44,34 +50,113 @@ def repo_for(alloy) -> str:
 
 
 def alias_for(variant_id: str) -> str:
-    return f"continuum-ai/{variant_id.replace('@', '-').replace(',', '-')}"
+    """The variant's registry alias: its id with every character outside [A-Za-z0-9._-] made '-'
+    (demo, demo-q8_0, qwen3.5-4b-m4-vision). Never a '/': the product takes such an id as a Hub repo."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", variant_id)
 
 
-def entry(alloy, cfg: dict, locked: dict) -> dict:
-    """One registry entry from the alloy, its composed configuration and its lock record."""
+# The product's ChatML turn strings, in its `chat_templates` object form (it builds the same prompt
+# for `qwen2` and `chatml`; any other name gets another family's prompt). Qwen3.5's turns are ChatML.
+PRODUCT_TEMPLATE = "chatml"
+CHATML = {"system": "<|im_start|>system\n{system}<|im_end|>\n", "user": "<|im_start|>user\n{content}<|im_end|>\n",
+          "assistant": "<|im_start|>assistant\n", "eos": "<|im_end|>"}
+# A conversation with every kind of turn the product sends: its prompt and the GGUF template's must agree.
+PROBE = [{"role": "system", "content": "You are Ada, one of four personas."},
+         {"role": "user", "content": "What colour is the circle?"},
+         {"role": "assistant", "content": "Red."},
+         {"role": "user", "content": "And the square?"}]
+
+
+def render_jinja(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    """A chat template rendered as transformers renders it (sandboxed Jinja2, trim_blocks,
+    lstrip_blocks)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def chatml_prompt(messages: list[dict]) -> str:
+    """The prompt the product builds from CHATML: each turn in order, then the assistant's start."""
+    out = []
+    for m in messages:
+        turn = CHATML["system"] if m["role"] == "system" else CHATML["user"].replace("user", m["role"], 1)
+        out.append(turn.replace("{system}", m["content"]).replace("{content}", m["content"]))
+    return "".join(out) + CHATML["assistant"]
+
+
+def generation_prompt_extra(name: str, template: str) -> str:
+    """What the GGUF's own template adds after the assistant's start that the product's ChatML prompt
+    lacks (Qwen3.5: an empty think block, which turns thinking off). Refuses a template whose turns
+    are not the product's: every entry using it would be prompted wrongly."""
+    from .errors import ForgeError
+
+    ours = chatml_prompt(PROBE)
+    try:
+        theirs = render_jinja(template, PROBE, add_generation_prompt=True)
+    except Exception as e:  # a template Jinja2 cannot render: named, not a traceback
+        raise ForgeError(f"chat template {name}: cannot be rendered ({type(e).__name__}: {e})") from e
+    if not theirs.startswith(ours):
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        raise ForgeError(f"chat template {name}: its turns are not ChatML as the product builds them "
+                         f"(from character {at}: template {theirs[at:at + 40]!r}, product {ours[at:at + 40]!r}); "
+                         "the product would prompt every entry using it wrongly")
+    return theirs[len(ours):]
+
+
+def file_role(filename: str) -> str:
+    """A tier repo's file by the names the product picks by: `mmproj` in the name is a projector,
+    `mtp-` in front a draft head, any other .gguf the model."""
+    low = filename.lower()
+    return "mmproj" if "mmproj" in low else "mtp-draft" if low.startswith("mtp-") else "text"
+
+
+def product_classes(tier: str) -> list[str]:
+    """The product's hardware classes a tier serves (conf/ladder/seed.yaml)."""
+    import yaml
+
+    from .paths import conf_dir
+
+    rules = yaml.safe_load((conf_dir() / "ladder" / "seed.yaml").read_text())
+    return list(rules.get("product_classes", {}).get(tier, []))
+
+
+def entry(alloy, cfg: dict, locked: dict, templates: dict) -> dict:
+    """One registry entry from the alloy, its composed configuration, its lock record and the lock's
+    chat templates."""
     repo = repo_for(alloy)
     files = []
     for f in locked["outputs"]:
-        role = ("mmproj" if f["filename"].startswith("mmproj-") else
-                "mtp-draft" if f["filename"].startswith(f"{alloy.name}-MTP-") else "text")
-        files.append({"role": role, "filename": f["filename"], "sha256": f["sha256"], "size": f["size"],
-                      "download": f"https://huggingface.co/{repo}/resolve/main/{f['filename']}"})
+        files.append({"role": file_role(f["filename"]), "filename": f["filename"], "sha256": f["sha256"],
+                      "size": f["size"], "download": f"https://huggingface.co/{repo}/resolve/main/{f['filename']}"})
     env = locked["envelope"]
     terms = env["terms"]
     mem = cfg["tier"]["memory"]
-    # Memory a machine needs for this entry beside the product: the model's runtime total plus the
-    # tier's sensory stack and OS reserve, rounded up to whole GB.
-    need = env["total_bytes"] + env["sensory_bytes"] + mem.get("os_reserve_gb", 0) * GiB
+    # The whole device this entry needs beside the product (our device hints): the model's runtime
+    # total plus the tier's sensory stack and OS reserve.
+    device_need = env["total_bytes"] + env["sensory_bytes"] + mem.get("os_reserve_gb", 0) * GiB
     gpu_need = env["gpu_resident_bytes"]
     smoke = locked.get("smoke")
+    template = locked["chatTemplate"]
     return {
         "repo": repo,
         "format": "gguf",
         "architecture": "qwen35",
         "description": alloy.data.get("description", ""),
-        "min_memory_gb": math.ceil(need / GiB),
-        # The template the variant's own GGUF carries (from the lock), named by its content hash.
-        "chat_template": locked["chatTemplate"]["name"],
+        # The model's own need, as the product reads this field (a 2.6 GB 4B says 3): its files plus
+        # KV cache, recurrent state and compute buffers at the tier's context and personas, in GB
+        # (10^9, rounded up: never less than the bytes).
+        "min_memory_gb": max(1, math.ceil(env["total_bytes"] / 1e9)),
+        "chat_template": PRODUCT_TEMPLATE,
+        # The template the variant's own GGUF carries (llama-server --jinja uses it), by content hash,
+        # and what the product's ChatML prompt must add after the assistant's start to equal it.
+        "gguf_chat_template": {"name": template["name"], "sha256": template["sha256"],
+                               "generation_prompt_extra": generation_prompt_extra(
+                                   template["name"], templates[template["name"]])},
         "tier": cfg["tier"]["name"],
         "quant": cfg["quant"]["label"],
         # The backends this variant is built for; `verification` says which one a smoke really ran on.
@@ -80,6 +165,10 @@ def entry(alloy, cfg: dict, locked: dict) -> dict:
         "verification": locked["verification"],
         "hf_repo": repo,
         "files": files,
+        # Exactly this quant's files: a client that downloads these (huggingface_hub's
+        # allow_patterns) finds one model, its projector and its draft, whatever else the repo holds.
+        "allow_patterns": sorted(f["filename"] for f in files),
+        "parameters": locked.get("parameters"),
         "n_ctx": env["n_ctx"],
         "n_ctx_per_sequence": env["n_ctx"] // env["n_seq_max"],
         "n_seq_max": env["n_seq_max"],
@@ -93,25 +182,72 @@ def entry(alloy, cfg: dict, locked: dict) -> dict:
         },
         "device_hints": {
             "tiers": [cfg["tier"]["name"]],
-            "min_unified_memory_gb": math.ceil(need / GiB) if mem["kind"] == "unified" else None,
+            "product_classes": product_classes(cfg["tier"]["name"]),
+            "min_unified_memory_gb": math.ceil(device_need / GiB) if mem["kind"] == "unified" else None,
             "min_vram_gb": math.ceil((gpu_need + mem.get("os_reserve_gb", 0) * GiB) / GiB)
             if mem["kind"] == "discrete" else None,
         },
         "vision": {"projector": next((f["filename"] for f in files if f["role"] == "mmproj"), None),
                    "smoke_passed": bool(smoke and smoke["passed"])},
+        "source": {"repo": locked["source"]["baseModel"], "kind": locked["source"]["kind"],
+                   "revision": locked["source"]["resolvedRevision"] or locked["source"]["revision"]},
         "alloy_hash": alloy.alloy_hash,
         "model_hash": locked["modelHash"],
     }
 
 
-def render(models: dict, templates: dict) -> str:
-    """The registry text; `templates` holds the lock's chat templates, of which the listed entries'
-    go in."""
-    used = {m["chat_template"] for m in models.values()}
+def catalog_row(alias: str, e: dict) -> dict:
+    """The row the product's catalog (model_registry/catalog.rs) is generated from for one entry."""
+    by_role = {f["role"]: f["filename"] for f in e["files"]}
+    caps = ["TextGeneration", "Chat", "Streaming"] + (["Vision"] if e["vision"]["smoke_passed"] else [])
+    params = e["parameters"]
+    return {
+        "registry_alias": alias,
+        "id": e["repo"],
+        "name": f"{e['repo'].split('/')[-1]} {e['quant']}",
+        "provider": "llamacpp-local",
+        "architecture": "Qwen35",
+        # One persona's window at the tier's settings (n_ctx is shared by n_seq_max personas).
+        "context_window": e["n_ctx_per_sequence"],
+        "max_output_tokens": e["n_ctx_per_sequence"],
+        "capabilities": sorted(caps),
+        "gguf_hint": f"huggingface.co/{e['repo']}",
+        "gguf_file": by_role["text"],
+        "mmproj_file": by_role.get("mmproj"),
+        "mtp_draft_file": by_role.get("mtp-draft"),
+        "allow_patterns": e["allow_patterns"],
+        "hf_source": e["source"],
+        # None: the GGUF's own template, served with llama-server --jinja.
+        "chat_template": None,
+        "parameter_count": None if params is None else params["text"] + (params["projector"] or 0),
+        "stop_sequences": ["<|im_end|>", "<|endoftext|>"],
+        "tier": e["tier"],
+        "quant": e["quant"],
+        "min_memory_gb": e["min_memory_gb"],
+    }
+
+
+CATALOG_COMMENT = ("Generated by the forge compiler with model_registry.json (the same inputs): one row per registry "
+                   "entry with the fields the product's model catalog (model_registry/catalog.rs) is written from. "
+                   "Do not edit: `python -m compiler.registry --check` checks both files.")
+
+
+def catalog_path() -> Path:
+    return registry_path().with_name("model_catalog.json")
+
+
+def render(models: dict, templates: dict) -> dict[Path, str]:
+    """The registry's and the catalog's texts; `templates` holds the lock's chat templates, of which
+    the listed entries' GGUF templates go in."""
+    used = {m["gguf_chat_template"]["name"] for m in models.values()}
     data = {"_comment": COMMENT, "models": dict(sorted(models.items())),
-            "chat_templates": {k: t for k, t in sorted(templates.items()) if k in used}}
+            "chat_templates": {PRODUCT_TEMPLATE: CHATML} if models else {},
+            "gguf_chat_templates": {k: t for k, t in sorted(templates.items()) if k in used}}
     validate(data, "registry.schema.json", str(registry_path()))
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    catalog = {"_comment": CATALOG_COMMENT, "rows": [catalog_row(a, m) for a, m in sorted(models.items())]}
+    validate(catalog, "catalog.schema.json", str(catalog_path()))
+    return {registry_path(): json.dumps(data, indent=2, sort_keys=True) + "\n",
+            catalog_path(): json.dumps(catalog, indent=2, sort_keys=True) + "\n"}
 
 
 def listed(alloy, cfg: dict, locked: dict) -> bool:
@@ -131,8 +267,9 @@ def listed(alloy, cfg: dict, locked: dict) -> bool:
     return bool(locked["envelope"]["passed"] and (smoke is None or smoke["passed"]))
 
 
-def build() -> str:
-    """The registry text from the alloys, conf/ and the lock: nothing under build/ is read."""
+def build() -> dict[Path, str]:
+    """The registry's and the catalog's texts from the alloys, conf/ and the lock: nothing under
+    build/ is read."""
     from . import lockfile
     from .alloy import load_dir
     from .config import compose, resolve_quant
@@ -142,6 +279,7 @@ def build() -> str:
     models = {}
     declared: dict = {}  # alloy -> {quant label: alias} of its listed declared variants
     lock = lockfile.read()
+    templates = lock.get("chatTemplates", {})
     for vid, locked in lock["variants"].items():
         alloy = alloys.get(locked["alloy"])
         if alloy is None:
@@ -150,8 +288,8 @@ def build() -> str:
         asked = next((o.split("=", 1)[1] for o in overrides if o.startswith("quant=")), locked["quant"])
         quant = resolve_quant(asked, where=f"{lockfile.lock_path()} $.variants[{vid}].quant")
         cfg = compose(alloy.tier, quant, [o for o in overrides if not o.startswith("quant=")])
-        if listed(alloy, cfg, locked) and locked.get("chatTemplate", {}).get("name") in lock.get("chatTemplates", {}):
-            models[alias_for(vid)] = entry(alloy, cfg, locked)
+        if listed(alloy, cfg, locked) and locked.get("chatTemplate", {}).get("name") in templates:
+            models[alias_for(vid)] = entry(alloy, cfg, locked, templates)
             if not overrides:
                 declared.setdefault(alloy.name, {})[cfg["quant"]["label"]] = alias_for(vid)
     # A tier's repo holds every declared quant of its alloy: each entry names the default (the
@@ -162,20 +300,27 @@ def build() -> str:
         labels = sorted(by_label, key=lambda lab: order.index(lab) if lab in order else len(order))
         for alias in by_label.values():
             models[alias]["quants"] = {"default": order[0], "available": labels}
-    return render(models, lock.get("chatTemplates", {}))
+    return render(models, templates)
 
 
-def write(text: str) -> bool:
+def write(texts: dict[Path, str]) -> bool:
+    """Write each file that differs (atomically, under the registry's lock); True if any changed."""
     from .lockfile import exclusive
 
-    path = registry_path()
-    with exclusive(path):
-        if path.is_file() and path.read_text() == text:
-            return False
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return True
+    changed = False
+    with exclusive(registry_path()):
+        for path, text in texts.items():
+            if path.is_file() and path.read_text() == text:
+                continue
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            changed = True
+    return changed
+
+
+def current(texts: dict[Path, str]) -> bool:
+    return all(path.is_file() and path.read_text() == text for path, text in texts.items())
 
 
 def main(argv=None) -> int:
@@ -183,28 +328,31 @@ def main(argv=None) -> int:
 
     from .errors import ForgeError
 
-    ap = argparse.ArgumentParser(description="Regenerate or check model_registry.json")
+    ap = argparse.ArgumentParser(description="Regenerate or check model_registry.json and model_catalog.json")
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--check", action="store_true", help="exit 1 and print the difference when stale")
     mode.add_argument("--write", action="store_true", help="write the regenerated registry")
     args = ap.parse_args(argv)
     try:
-        text = build()
+        texts = build()
     except ForgeError as e:
         print(f"registry: {e}", file=sys.stderr)
         return 2
-    path = registry_path()
     if args.write:
-        print(f"{path}: {'updated' if write(text) else 'unchanged'}")
+        print(f"{registry_path()}, {catalog_path().name}: {'updated' if write(texts) else 'unchanged'}")
         return 0
-    current = path.read_text() if path.is_file() else ""
-    if current == text:
-        print(f"{path}: up to date")
-        return 0
-    sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
-                                               str(path) + " (committed)", str(path) + " (regenerated)"))
-    print(f"\n{path} is stale: run `doit registry` and commit it", file=sys.stderr)
-    return 1
+    stale = []
+    for path, text in texts.items():
+        have = path.read_text() if path.is_file() else ""
+        if have == text:
+            print(f"{path}: up to date")
+            continue
+        sys.stdout.writelines(difflib.unified_diff(have.splitlines(True), text.splitlines(True),
+                                                   str(path) + " (committed)", str(path) + " (regenerated)"))
+        stale.append(path)
+    for path in stale:
+        print(f"\n{path} is stale: run `doit registry` and commit it", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -100,19 +100,19 @@ def registry_task(plan) -> dict:
     from . import registry
 
     def current(task, values):
-        path = registry.registry_path()
         try:
-            return path.is_file() and path.read_text() == registry.build()
+            return registry.current(registry.build())
         except ForgeError:
             return False  # the action reports it
 
     def write():
         changed = registry.write(registry.build())
-        print(f"  registry: {registry.registry_path()} {'updated' if changed else 'unchanged'}")
+        print(f"  registry: {registry.registry_path()} and {registry.catalog_path().name} "
+              f"{'updated' if changed else 'unchanged'}")
 
     return {
         "basename": "registry",
-        "doc": "regenerate model_registry.json from the alloys, conf/ and the lock",
+        "doc": "regenerate model_registry.json and model_catalog.json from the alloys, conf/ and the lock",
         "actions": [(_guarded, [write])],
         "task_dep": ["receipt", "envelope", "lock"],
         "uptodate": [current],

@@ -1,15 +1,10 @@
 """The recipes and the executed alloys are forge-alloy documents by the format's own published schema
 (CambrianTech/forge-alloy's schema/forge-alloy.schema.json, pinned by sha256: conftest.published_schema_path
-says where it is found, or why these tests are skipped), and schema/alloy.schema.json is
-never looser than it: whatever the published schema requires or restricts, ours requires or
-restricts at least as much, so a document the compiler accepts or writes is one the product's
-pipeline accepts.
-
-The one widening: the reference file's QuantStage.quantTypes lists the 13 types upstream publishes
-(no IQ3_M, which qwen3.5-2b-air-vision uses); forge-alloy documents here carry llama.cpp's types
-(llama-quantize's names), so that enum is taken together with llama-quantize's list from the pinned
-llama.cpp. Should the reference be widened in place, the union changes nothing. Nothing else of the
-published schema is changed."""
+says where it is found, or why these tests are skipped), as it is -- nothing widened -- and
+schema/alloy.schema.json is never looser than it except in one place: our dialect takes any of
+llama-quantize's types in QuantStage.quantTypes, where the published schema names 13. A variant of a
+type outside those 13 is an experiment (compiler.alloy.PUBLISHED_QUANT_TYPES, checked here against
+the published file): the lock and the card say so, and no committed recipe declares one."""
 from __future__ import annotations
 
 import copy
@@ -41,7 +36,13 @@ def llama_quant_types() -> set[str]:
 
 
 def published_schema() -> dict:
-    schema = json.loads(published_schema_path().read_text())
+    return json.loads(published_schema_path().read_text())
+
+
+def dialect_of_published() -> dict:
+    """The published schema with its quantTypes taken together with llama-quantize's list: what our
+    schema is compared with (ours never looser than this)."""
+    schema = published_schema()
     quant_types = schema["$defs"]["QuantStage"]["properties"]["quantTypes"]["items"]
     quant_types["enum"] = sorted(set(quant_types["enum"]) | llama_quant_types())
     return schema
@@ -87,6 +88,18 @@ def test_every_recipe_is_a_published_forge_alloy(path):
 def test_the_demo_build_writes_published_forge_alloys(demo_workspace):
     for variant in ("demo", "demo-q8"):
         assert_forge_alloy(json.loads((demo_workspace.variant(variant) / f"{variant}.alloy.json").read_text()))
+
+
+def test_the_published_quant_types_are_the_compilers_and_a_type_outside_them_fails():
+    from compiler.alloy import PUBLISHED_QUANT_TYPES, outside_published_schema
+
+    enum = published_schema()["$defs"]["QuantStage"]["properties"]["quantTypes"]["items"]["enum"]
+    assert sorted(PUBLISHED_QUANT_TYPES) == sorted(enum)
+    assert outside_published_schema("Q4_K_M") is None and "IQ3_M is not among" in outside_published_schema("IQ3_M")
+    # An IQ3_M recipe (the air alloy before this check) is not a published forge-alloy.
+    doc = json.loads(DEMO_ALLOY.read_text())
+    next(s for s in doc["stages"] if s["type"] == "quant")["quantTypes"] = ["IQ3_M"]
+    assert any("quantTypes" in e and "IQ3_M" in e for e in errors(published_schema(), doc))
 
 
 def test_the_published_schema_refuses_what_issue_14_found():
@@ -367,12 +380,12 @@ def narrower(pub: dict, ours: dict, pub_root: dict, our_root: dict, path: str) -
 
 
 def test_our_schema_is_never_looser_than_the_published_one():
-    pub, ours = published_schema(), our_schema()
+    pub, ours = dialect_of_published(), our_schema()
     assert narrower(pub, ours, pub, ours, "$") == []
 
 
 def test_the_comparison_catches_a_looser_schema():
-    pub = published_schema()
+    pub = dialect_of_published()
     for mutate, expect in [
         (lambda s: s["$defs"]["integrity"]["required"].remove("trustLevel"), "published requires ['trustLevel']"),
         (lambda s: s["$defs"]["integrity"]["properties"]["trustLevel"]["enum"].append("unsigned"), "trustLevel"),

@@ -66,6 +66,9 @@ def test_one_imatrix_serves_every_quant_of_the_source(ladder):
     keys = {v: lock[v]["keys"].get("imatrix") for v in lock}
     assert keys["ladder"] == keys["ladder@iq3_m"] == keys["ladder@q2_k"] is not None
     assert keys["ladder@q8_0"] is None  # 8-bit needs none
+    # Declared types the published forge-alloy schema cannot name are recorded as experiments.
+    assert "IQ3_M is not among the published forge-alloy schema's quantTypes" in lock["ladder@iq3_m"]["outsidePublishedSchema"]
+    assert "outsidePublishedSchema" not in lock["ladder@q2_k"] and "outsidePublishedSchema" not in lock["ladder@q8_0"]
     assert (ladder.variant("ladder") / "ladder-IQ2_XXS.gguf").exists()
     assert (ladder.variant("ladder@iq3_m") / "ladder-IQ3_M.gguf").exists()
     # The imatrix is recorded as a dataset of the variants that used it.

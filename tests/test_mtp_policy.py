@@ -4,9 +4,13 @@ as the official 4B and 9B have, forges to a text GGUF without the head by defaul
 hashes and the envelope counts."""
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import shutil
 
 from conftest import assert_ok
+from continuum_product import pick_files
 from test_sources import workspace, write_alloy
 
 from compiler.ggufcheck import read_layout
@@ -26,7 +30,7 @@ def test_mtp_head_dropped_by_default_and_drafted_on_request(tmp_path):
     assert_ok(run)
     folder = ws.variant("with-mtp@convert.mtp-draft")
     text = read_layout(folder / "with-mtp-Q4_K_M.gguf")
-    draft = read_layout(folder / "with-mtp-MTP-BF16.gguf")
+    draft = read_layout(folder / "mtp-with-mtp-BF16.gguf")
     # The text model: 4 blocks, no nextn tensors, no MTP metadata -- as with the default policy.
     assert not any(".nextn." in t["name"] or t["name"].startswith("blk.4.") for t in text["tensors"])
     assert text["meta"]["qwen35.block_count"] == 4
@@ -35,10 +39,29 @@ def test_mtp_head_dropped_by_default_and_drafted_on_request(tmp_path):
     assert draft["meta"]["qwen35.nextn_predict_layers"] == 1
     executed = json.loads((folder / "with-mtp.alloy.json").read_text())
     hashed = {f["filename"] for f in executed["results"]["integrity"]["fileHashes"]}
-    assert hashed == {"with-mtp-Q4_K_M.gguf", "mmproj-with-mtp-F16.gguf", "with-mtp-MTP-BF16.gguf"}
+    assert hashed == {"with-mtp-Q4_K_M.gguf", "mmproj-with-mtp-F16.gguf", "mtp-with-mtp-BF16.gguf"}
     envelope = json.loads(next((ws.build / "store" / "envelope").glob("*/envelope.json")).read_text())
     term = next(t for t in envelope["terms"] if t["id"] == "mtp_draft")
-    assert term["bytes"] == (folder / "with-mtp-MTP-BF16.gguf").stat().st_size
+    assert term["bytes"] == (folder / "mtp-with-mtp-BF16.gguf").stat().st_size
+
+    # Recorded (lock=1), the draft variant is a registry entry whose files the product's rules sort
+    # as it means them: the draft is never taken for the model, in whatever order they arrive.
+    locked = ws.doit("alloy=with-mtp", "convert.mtp=draft", "lock=1")
+    assert_ok(locked)
+    entry = json.loads(ws.registry.read_text())["models"]["with-mtp-convert.mtp-draft"]
+    roles = {f["filename"]: f["role"] for f in entry["files"]}
+    assert roles == {"with-mtp-Q4_K_M.gguf": "text", "mmproj-with-mtp-F16.gguf": "mmproj",
+                     "mtp-with-mtp-BF16.gguf": "mtp-draft"}
+    assert sorted(entry["allow_patterns"]) == sorted(roles)
+    for order in itertools.permutations(roles):
+        stamped = tmp_path / "dl"
+        shutil.rmtree(stamped, ignore_errors=True)
+        stamped.mkdir()
+        for i, name in enumerate(order):
+            (stamped / name).touch()  # the product picks by name and mtime alone
+            os.utime(stamped / name, ns=(1_700_000_000_000_000_000 + i * 10**9,) * 2)
+        assert pick_files(stamped) == {"model": "with-mtp-Q4_K_M.gguf", "projectors": ["mmproj-with-mtp-F16.gguf"],
+                                       "drafts": ["mtp-with-mtp-BF16.gguf"]}, order
 
     # The default (drop): the same text GGUF, no draft file, and the conversion shared.
     plain = ws.doit("alloy=with-mtp")

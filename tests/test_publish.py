@@ -5,12 +5,16 @@ longer match the lock is refused; the token appears in no output, file or log.""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
+import shutil
 
 import pytest
 import yaml
 
 from conftest import SEED_KINDS, Workspace, assert_ok
+from continuum_product import pick_files
 from hub_loopback import LoopbackHub
 
 pytestmark = pytest.mark.build
@@ -28,6 +32,19 @@ def hub():
 def publish(ws, hub, *args):
     return ws.doit("publish", "alloy=demo", *args, HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1",
                    HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1")
+
+
+def download(folder, files: dict, order) -> "os.PathLike":
+    """The repo's file names in a fresh folder, each newer than the last, as a download in that order
+    leaves them. The product picks by name and mtime alone, so the files stand empty (their bytes
+    are the Hub's, checked against the lock above)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, name in enumerate(order):
+        assert name in files, name
+        (folder / name).touch()
+        os.utime(folder / name, ns=(1_700_000_000_000_000_000 + i * 10**9,) * 2)
+    return folder
 
 
 def front_matter(card: str) -> dict:
@@ -63,7 +80,7 @@ def test_publish_dry_run_push_and_a_second_push_that_uploads_nothing(demo_worksp
     executed = json.loads(hub.repos[REPO]["files"]["demo.alloy.json"])
     assert executed["results"]["integrity"]["fileHashes"] == lock["outputs"]
     entry = json.loads(hub.repos[REPO]["files"]["registry-entry.json"])
-    assert entry["continuum-ai/demo"]["repo"] == REPO
+    assert entry["demo"]["repo"] == REPO
     assert len(hub.repos[REPO]["commits"]) == 1
 
     puts = sum(1 for method, _, _ in hub.requests if method == "PUT")
@@ -145,12 +162,24 @@ def test_a_tier_repo_holds_every_declared_quant_of_its_alloy(tmp_path, hub, demo
         assert hashlib.sha256(files[text["filename"]]).hexdigest() == text["sha256"]
     assert "default quant is **Q4_K_M**" in card and "doit verify only=demo-two,demo-two@q8_0" in card
     entries = json.loads(files["registry-entry.json"])
-    assert set(entries) == {"continuum-ai/demo-two", "continuum-ai/demo-two-q8_0"}
+    assert set(entries) == {"demo-two", "demo-two-q8_0"}
     registry = json.loads(ws.registry.read_text())["models"]
-    assert registry["continuum-ai/demo-two-q8_0"]["quants"] == {"default": "Q4_K_M", "available": ["Q4_K_M", "Q8_0"]}
+    assert registry["demo-two-q8_0"]["quants"] == {"default": "Q4_K_M", "available": ["Q4_K_M", "Q8_0"]}
     assert json.loads(files["demo-two-Q8_0.alloy.json"])["results"]["integrity"]["fileHashes"] == \
         lock["demo-two@q8_0"]["outputs"]
-    assert entries["continuum-ai/demo-two"]["quants"] == {"default": "Q4_K_M", "available": ["Q4_K_M", "Q8_0"]}
+    assert entries["demo-two"]["quants"] == {"default": "Q4_K_M", "available": ["Q4_K_M", "Q8_0"]}
+    # The product's file rules on this repo: a client that downloads an entry's allow_patterns finds
+    # exactly its model and projector, in every download order; the whole repo gives whichever quant
+    # came last (why each entry names its files).
+    for alias, e in entries.items():
+        want = next(f["filename"] for f in e["files"] if f["role"] == "text")
+        assert sorted(e["allow_patterns"]) == sorted(f["filename"] for f in e["files"])
+        for order in itertools.permutations(e["allow_patterns"]):
+            got = pick_files(download(tmp_path / "dl" / alias, files, order))
+            assert got == {"model": want, "projectors": ["mmproj-demo-two-F16.gguf"], "drafts": []}, (alias, order)
+    whole = [n for n in files if n.endswith(".gguf")]
+    picked = {pick_files(download(tmp_path / "dl" / "all", files, order))["model"] for order in itertools.permutations(whole)}
+    assert picked == {"demo-two-Q4_K_M.gguf", "demo-two-Q8_0.gguf"}
     # The alloy stops declaring Q8_0: its lock entry goes (the lock records what alloys declare).
     next(s for s in data["stages"] if s["type"] == "quant")["quantTypes"] = ["Q4_K_M"]
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -33,7 +33,7 @@ def test_merge_job_regenerates_the_committed_registry_without_build(tmp_path):
     ok = registry_check(ROOT / "alloys", build)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert not build.exists()
-    assert "continuum-ai/demo" in json.loads(REGISTRY.read_text())["models"]
+    assert "demo" in json.loads(REGISTRY.read_text())["models"]
     # The demo alloy's quant edited without forging and re-locking: its record no longer describes
     # the alloy, so the regenerated registry drops the entry and the check fails with the diff.
     alloys = tmp_path / "alloys"
@@ -43,7 +43,7 @@ def test_merge_job_regenerates_the_committed_registry_without_build(tmp_path):
     (alloys / "demo.alloy.json").write_text(json.dumps(demo, indent=2) + "\n")
     stale = registry_check(alloys, build)
     assert stale.returncode == 1
-    assert '-    "continuum-ai/demo": {' in stale.stdout and "is stale" in stale.stderr
+    assert '-    "demo": {' in stale.stdout and "is stale" in stale.stderr
     # The same when conf/ changed under the lock (the m4 tier's sensory stack): the recorded envelope
     # no longer describes what the tier asks, so the entry is not listed until it is forged again.
     conf = tmp_path / "conf"
@@ -51,7 +51,7 @@ def test_merge_job_regenerates_the_committed_registry_without_build(tmp_path):
     sensory = conf / "sensory" / "m4.yaml"
     sensory.write_text(sensory.read_text().replace("memory_mb: 852", "memory_mb: 900"))
     moved = registry_check(ROOT / "alloys", build, conf=conf)
-    assert moved.returncode == 1 and '-    "continuum-ai/demo": {' in moved.stdout
+    assert moved.returncode == 1 and '-    "demo": {' in moved.stdout
 
 
 def test_committed_lock_holds_only_declared_variants():
@@ -101,7 +101,7 @@ def test_a_cpu_smoke_never_claims_the_gpu_backend(demo_workspace):
     # The demo's tier (m4) targets Metal; this machine's smoke ran on llama.cpp's CPU backend.
     assert entry["verification"] == {"backend": "metal", "ran_on": "cpu", "verified": False,
                                      "summary": "mechanics verified on cpu, metal not verified"}
-    listed = json.loads(ws.registry.read_text())["models"]["continuum-ai/demo"]
+    listed = json.loads(ws.registry.read_text())["models"]["demo"]
     assert listed["verification"]["summary"] == "mechanics verified on cpu, metal not verified"
     assert entry["envelope"]["total_bytes"] > 0 and entry["smoke"]["passed"]
 

@@ -23,7 +23,7 @@ def test_demo_entry_keeps_old_fields_and_adds_the_vision_ones(demo_workspace):
     ws = demo_workspace
     assert_ok(ws.doit("alloy=demo"))
     data = json.loads(ws.registry.read_text())
-    entry = data["models"]["continuum-ai/demo"]
+    entry = data["models"]["demo"]
     assert OLD_FIELDS <= set(entry) and entry["format"] == "gguf" and entry["min_memory_gb"] >= 1
     assert entry["chat_template"] in data["chat_templates"]
     lock = ws.lock()["variants"]["demo"]
@@ -42,7 +42,7 @@ def test_regeneration_is_byte_identical_and_check_mode_catches_staleness(demo_wo
     ok = check(ws, "--check")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     data = json.loads(before)
-    data["models"]["continuum-ai/demo"]["description"] = "edited by hand"
+    data["models"]["demo"]["description"] = "edited by hand"
     ws.registry.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     stale = check(ws, "--check")
     assert stale.returncode == 1 and "edited by hand" in stale.stdout and "is stale" in stale.stderr
@@ -50,6 +50,20 @@ def test_regeneration_is_byte_identical_and_check_mode_catches_staleness(demo_wo
     assert_ok(run)
     assert "registry" in run.executed
     assert ws.registry.read_bytes() == before
+    # The catalog export is checked and regenerated with it.
+    catalog = ws.registry.with_name("model_catalog.json")
+    rows = json.loads(catalog.read_text())
+    assert [r["registry_alias"] for r in rows["rows"]] == ["demo"]
+    row = rows["rows"][0]
+    assert row["id"] == row["gguf_hint"].removeprefix("huggingface.co/") == data["models"]["demo"]["repo"]
+    assert "Vision" in row["capabilities"] and row["chat_template"] is None and row["parameter_count"] > 0
+    kept = catalog.read_bytes()
+    row["context_window"] = 262144
+    catalog.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    edited = check(ws, "--check")
+    assert edited.returncode == 1 and "262144" in edited.stdout and "model_catalog.json is stale" in edited.stderr
+    assert_ok(ws.doit("alloy=demo"))
+    assert catalog.read_bytes() == kept
 
 
 def test_a_variant_that_failed_a_gate_is_not_listed(demo_workspace):
@@ -59,4 +73,4 @@ def test_a_variant_that_failed_a_gate_is_not_listed(demo_workspace):
     assert run.proc.returncode != 0
     models = json.loads(ws.registry.read_text())["models"]
     assert not any("max_mean_kld" in alias for alias in models)
-    assert "continuum-ai/demo" in models
+    assert "demo" in models

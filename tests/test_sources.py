@@ -131,16 +131,19 @@ def test_hub_branch_pinned_resumed_verified_and_moved(tmp_path, hub, checkpoint)
     snapshot = home / "hub" / "models--Qwen--Qwen3.5-Tiny" / "snapshots" / first
     assert (snapshot / shard).resolve().read_bytes() == (checkpoint / shard).read_bytes()
     assert (home / "hub" / "models--Qwen--Qwen3.5-Tiny" / "refs" / "main").read_text() == first
-    # The registry ships the checkpoint's own template, named by its hash.
+    # The registry ships the checkpoint's own template, named by its hash, beside the product's
+    # ChatML name, and says what the product's prompt lacks of it.
     registry = json.loads(ws.registry.read_text())
-    model = registry["models"]["continuum-ai/tiny-hub"]
-    assert registry["chat_templates"][model["chat_template"]] == OWN_TEMPLATE
-    assert model["chat_template"] == entry["chatTemplate"]["name"]
+    model = registry["models"]["tiny-hub"]
+    assert model["chat_template"] == "chatml"
+    assert registry["gguf_chat_templates"][model["gguf_chat_template"]["name"]] == OWN_TEMPLATE
+    assert model["gguf_chat_template"]["name"] == entry["chatTemplate"]["name"]
+    assert model["gguf_chat_template"]["generation_prompt_extra"] == ""  # it opens no think block
 
     # 3. The branch moves upstream (a new chat template). verify still rebuilds the locked commit,
     #    byte for byte, downloading nothing: the cache holds it.
     moved = files_of(checkpoint)
-    moved["chat_template.jinja"] = OWN_TEMPLATE.replace("assistant", "assistant (moved)").encode()
+    moved["chat_template.jinja"] = ("{#- moved upstream -#}" + OWN_TEMPLATE).encode()
     second = hub.seed(REPO, moved)
     served = hub.served_bytes(REPO)
     check = ws.doit("verify", "alloy=tiny-hub", "keep=1", **env)
