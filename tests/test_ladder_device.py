@@ -69,6 +69,17 @@ def test_the_products_rules_pick_by_size_and_refuse_small_macs():
         load_rules("nope")
 
 
+def test_a_malformed_rule_is_named(tmp_path, monkeypatch):
+    import shutil
+
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "conf" / "ladder", conf / "ladder")
+    (conf / "ladder" / "bad.yaml").write_text("name: bad\napple:\n  - {min_gb: 16, tier: m4, max_parameters: 5}\n")
+    monkeypatch.setenv("FORGE_CONF_DIR", str(conf))
+    with pytest.raises(ForgeError, match=r"bad.yaml apple\[0\]: a rule needs a floor .* exactly one of tier"):
+        load_rules("bad")
+
+
 def test_the_docs_table_is_the_rules_applied_to_the_committed_alloys():
     from compiler.ladder import fit_matrix_entries, table
 

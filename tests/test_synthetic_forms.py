@@ -184,3 +184,27 @@ def test_mtp_writes_only_the_head_as_a_draft(forms, vendor, tmp_path):
     assert g["keys"] == {"qwen35.block_count": 5, "qwen35.nextn_predict_layers": 1}
     # The head's block plus the trunk tensors it shares (embedding, final norm; the output is tied).
     assert g["tensors"] == MTP_BLOCK | {"token_embd.weight", "output_norm.weight"}
+
+
+def test_the_kept_tokenizer_is_the_converted_one_and_a_damaged_one_is_converted_again(tmp_path, monkeypatch):
+    # The conversion (~9 s of one core, in every training and generation) is kept in the forge cache:
+    # the kept files are the conversion's, byte for byte -- the committed lock's tokenizer.json, from
+    # a training from nothing -- and a damaged entry is noticed and redone.
+    monkeypatch.setenv("FORGE_CACHE", str(tmp_path / "cache"))
+    synthetic.write_tokenizer(tmp_path / "a")
+    (entry,) = (tmp_path / "cache" / "tokenizer").iterdir()
+    synthetic.write_tokenizer(tmp_path / "b")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and "tokenizer.json" in names
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    lock = json.loads((Path(__file__).parents[1] / "alloys" / "forge.lock.json").read_text())
+    locked = {f["filename"]: f["sha256"] for f in lock["variants"]["demo"]["source"]["files"]}
+    assert hashlib.sha256((tmp_path / "b" / "tokenizer.json").read_bytes()).hexdigest() == locked["tokenizer.json"]
+    (entry / "tokenizer.json").write_bytes(b"{}")
+    synthetic.write_tokenizer(tmp_path / "c")
+    assert (tmp_path / "c" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+    assert (entry / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+    # Another template is another entry.
+    synthetic.write_tokenizer(tmp_path / "d", TEMPLATE)
+    assert len(list((tmp_path / "cache" / "tokenizer").iterdir())) == 2
