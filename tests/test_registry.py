@@ -53,8 +53,8 @@ def test_regeneration_is_byte_identical_and_check_mode_catches_staleness(demo_wo
     # The catalog export is checked and regenerated with it.
     catalog = ws.registry.with_name("model_catalog.json")
     rows = json.loads(catalog.read_text())
-    assert [r["registry_alias"] for r in rows["rows"]] == ["demo"]
-    row = rows["rows"][0]
+    assert [r["registry_alias"] for r in rows["rows"]] == sorted(data["models"])  # a row per entry
+    row = next(r for r in rows["rows"] if r["registry_alias"] == "demo")
     assert row["id"] == row["gguf_hint"].removeprefix("huggingface.co/") == data["models"]["demo"]["repo"]
     assert "Vision" in row["capabilities"] and row["chat_template"] is None and row["parameter_count"] > 0
     kept = catalog.read_bytes()
