@@ -68,16 +68,12 @@ PROBE = [{"role": "system", "content": "You are Ada, one of four personas."},
 
 
 def render_jinja(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-    """A chat template rendered as transformers renders it (sandboxed Jinja2, trim_blocks,
-    lstrip_blocks)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """A chat template rendered by transformers' own renderer (its sandboxed Jinja2 with the loop
+    controls, filters and globals real checkpoints' templates use)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
 
-    def raise_exception(message):
-        raise ValueError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    (text,), _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=add_generation_prompt)
+    return text
 
 
 def chatml_prompt(messages: list[dict]) -> str:

@@ -86,6 +86,10 @@ def test_a_gguf_template_the_product_would_prompt_wrongly_is_refused_naming_it()
     plain = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     assert generation_prompt_extra("plain", plain) == ""
+    # Rendered as transformers renders templates: with the loop controls real Qwen templates use.
+    controls = ("{% for m in messages %}{% if m.role == 'tool' %}{% break %}{% endif %}<|im_start|>{{ m.role }}\n"
+                "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert generation_prompt_extra("controls", controls) == ""
     # Every variant id makes an alias the product looks up.
     for vid in ("demo", "demo@q8_0", "demo@q8_0,tier.n_seq_max=2", "with-mtp@convert.mtp=draft"):
         alias = alias_for(vid)
