@@ -50,9 +50,10 @@ def repo_for(alloy) -> str:
 
 
 def alias_for(variant_id: str) -> str:
-    """The variant's registry alias: its id with every character outside [A-Za-z0-9._-] made '-'
-    (demo, demo-q8_0, qwen3.5-4b-m4-vision). Never a '/': the product takes such an id as a Hub repo."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", variant_id)
+    """The variant's registry alias: its id lower-cased, every character outside [a-z0-9._-] made '-'
+    (demo, demo-q8_0, qwen3.5-4b-m4-vision). Never a '/' (the product takes such an id as a Hub repo)
+    and never a capital (it lower-cases the id it is asked for, then looks the alias up as written)."""
+    return re.sub(r"[^a-z0-9._-]", "-", variant_id.lower())
 
 
 # The product's ChatML turn strings, in its `chat_templates` object form (it builds the same prompt
@@ -285,6 +286,10 @@ def build() -> dict[Path, str]:
         quant = resolve_quant(asked, where=f"{lockfile.lock_path()} $.variants[{vid}].quant")
         cfg = compose(alloy.tier, quant, [o for o in overrides if not o.startswith("quant=")])
         if listed(alloy, cfg, locked) and locked.get("chatTemplate", {}).get("name") in templates:
+            if alias_for(vid) in models:
+                from .errors import ForgeError
+                raise ForgeError(f"{lockfile.lock_path()}: variants {vid!r} and another give the registry alias "
+                                 f"{alias_for(vid)!r}: rename one alloy")
             models[alias_for(vid)] = entry(alloy, cfg, locked, templates)
             if not overrides:
                 declared.setdefault(alloy.name, {})[cfg["quant"]["label"]] = alias_for(vid)

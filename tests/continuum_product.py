@@ -62,9 +62,8 @@ def resolve(model_id: str, registry: dict) -> tuple[str, dict | None]:
         return "hub", None
     key = model_id.strip().lower()
     for candidate in (key, key.replace("-", ":", 1)):
-        for alias, entry in registry["models"].items():
-            if alias.lower() == candidate:
-                return "alias", entry
+        if candidate in registry["models"]:  # the map's keys as written
+            return "alias", registry["models"][candidate]
     return "hub", None
 
 

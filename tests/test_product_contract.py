@@ -91,6 +91,6 @@ def test_a_gguf_template_the_product_would_prompt_wrongly_is_refused_naming_it()
                 "{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     assert generation_prompt_extra("controls", controls) == ""
     # Every variant id makes an alias the product looks up.
-    for vid in ("demo", "demo@q8_0", "demo@q8_0,tier.n_seq_max=2", "with-mtp@convert.mtp=draft"):
+    for vid in ("demo", "demo@q8_0", "demo@q8_0,tier.n_seq_max=2", "with-mtp@convert.mtp=draft", "Qwen3.5-4B-Vision"):
         alias = alias_for(vid)
         assert resolve(alias, {"models": {alias: {}}}) == ("alias", {}), alias
