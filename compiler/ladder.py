@@ -25,7 +25,7 @@ RULES = "seed"  # conf/ladder/<name>.yaml: seed (the forge's tiers, the default)
 
 
 def load_rules(name: str = RULES) -> dict:
-    """A set of tier rules from conf/ladder/ (compiler/conf_schema.py's LadderRules shape)."""
+    """A set of tier rules from conf/ladder/, its rules checked for the shape tier_of reads."""
     import yaml
 
     from .errors import ForgeError
@@ -209,12 +209,11 @@ def fit_matrix_entries(root=None) -> dict:
     file sizes from llama-quantize --dry-run and the envelope at each tier's settings), conf/ (the
     sensory stack and OS reserve) and the official checkpoints' parameter counts (shapes/): the
     entries the real checkpoints' forges would list, before any of them is built here."""
-    from math import ceil
-
     from .alloy import load_dir
     from .config import compose, resolve_quant
-    from .envelope import GiB, sensory_bytes
+    from .envelope import sensory_bytes
     from .paths import ROOT, alloys_dir
+    from .registry import device_hints
 
     root = root or ROOT
     rows = {(r["shape"], r["quant"]): r for r in json.loads((root / "docs" / "fit-matrix.json").read_text())}
@@ -226,17 +225,12 @@ def fit_matrix_entries(root=None) -> dict:
         shape, quant = m.group(1).lower(), alloy.quant_types[0]
         row, cfg = rows[(shape, quant)], compose(alloy.tier, resolve_quant(quant, where=alloy.name), [])
         env = row["tiers"][alloy.tier]
-        mem = cfg["tier"]["memory"]
-        need = env["total_bytes"] + sensory_bytes(cfg) + mem.get("os_reserve_gb", 0) * GiB
         out[alloy.name] = {
             "tier": alloy.tier, "quant": quant, "backends": sorted({cfg["tier"]["backend_default"], "vulkan"}),
             "parameters": {"text": official_parameters(shape), "projector": 0},
             "envelope": {"weights_bytes": row["text_file_bytes"], "gpu_resident_bytes": env["gpu_resident_bytes"],
                          "total_bytes": env["total_bytes"]},
-            "device_hints": {"tiers": [alloy.tier],
-                             "min_unified_memory_gb": ceil(need / GiB) if mem["kind"] == "unified" else None,
-                             "min_vram_gb": ceil((env["gpu_resident_bytes"] + mem.get("os_reserve_gb", 0) * GiB) / GiB)
-                             if mem["kind"] == "discrete" else None}}
+            "device_hints": device_hints(cfg, env["total_bytes"], sensory_bytes(cfg), env["gpu_resident_bytes"])}
     return out
 
 
@@ -269,13 +263,13 @@ def table(models: dict) -> str:
         lines.append(f"- `{alias}`: {e['quant']}, tier {e['tier']}, {parameters_of(e) / 1e9:.2f}B parameters, "
                      f"{e['envelope']['total_bytes'] / GB:.2f} GB runtime")
     lines += ["", "| profile | seed tiers pick | product's rules pick |", "| --- | --- | --- |"]
+    agree = 0
     for name, p in PROFILES.items():
-        cells = []
-        for rules in (seed, product):
-            d = choose(p, models, rules)
-            cells.append((f"**{d.entry}** ({d.tier}, {d.backend})" if d.entry else "nothing") + f": {d.reason}")
+        ours, theirs = choose(p, models, seed), choose(p, models, product)
+        agree += ours.entry == theirs.entry
+        cells = [(f"**{d.entry}** ({d.tier}, {d.backend})" if d.entry else "nothing") + f": {d.reason}"
+                 for d in (ours, theirs)]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    agree = sum(choose(p, models, seed).entry == choose(p, models, product).entry for p in PROFILES.values())
     lines += ["", f"The two agree on {agree} of {len(PROFILES)} profiles.", ""]
     return "\n".join(lines)
 

@@ -114,12 +114,24 @@ def file_role(filename: str) -> str:
 
 def product_classes(tier: str) -> list[str]:
     """The product's hardware classes a tier serves (conf/ladder/seed.yaml)."""
-    import yaml
+    from .ladder import load_rules
 
-    from .paths import conf_dir
+    return list(load_rules("seed").get("product_classes", {}).get(tier, []))
 
-    rules = yaml.safe_load((conf_dir() / "ladder" / "seed.yaml").read_text())
-    return list(rules.get("product_classes", {}).get(tier, []))
+
+def device_hints(cfg: dict, total_bytes: int, sensory_bytes: int, gpu_resident_bytes: int) -> dict:
+    """The whole device an entry needs beside the product: on unified memory the model's runtime
+    total plus the tier's sensory stack and OS reserve; on a discrete card what stays on the GPU plus
+    the driver's reserve. Whole GiB, rounded up."""
+    mem = cfg["tier"]["memory"]
+    reserve = mem.get("os_reserve_gb", 0) * GiB
+    return {
+        "tiers": [cfg["tier"]["name"]],
+        "product_classes": product_classes(cfg["tier"]["name"]),
+        "min_unified_memory_gb": math.ceil((total_bytes + sensory_bytes + reserve) / GiB)
+        if mem["kind"] == "unified" else None,
+        "min_vram_gb": math.ceil((gpu_resident_bytes + reserve) / GiB) if mem["kind"] == "discrete" else None,
+    }
 
 
 def entry(alloy, cfg: dict, locked: dict, templates: dict) -> dict:
@@ -132,10 +144,6 @@ def entry(alloy, cfg: dict, locked: dict, templates: dict) -> dict:
                       "size": f["size"], "download": f"https://huggingface.co/{repo}/resolve/main/{f['filename']}"})
     env = locked["envelope"]
     terms = env["terms"]
-    mem = cfg["tier"]["memory"]
-    # The whole device this entry needs beside the product (our device hints): the model's runtime
-    # total plus the tier's sensory stack and OS reserve.
-    device_need = env["total_bytes"] + env["sensory_bytes"] + mem.get("os_reserve_gb", 0) * GiB
     gpu_need = env["gpu_resident_bytes"]
     smoke = locked.get("smoke")
     template = locked["chatTemplate"]
@@ -177,13 +185,7 @@ def entry(alloy, cfg: dict, locked: dict, templates: dict) -> dict:
             "gpu_resident_bytes": gpu_need,
             "total_bytes": env["total_bytes"],
         },
-        "device_hints": {
-            "tiers": [cfg["tier"]["name"]],
-            "product_classes": product_classes(cfg["tier"]["name"]),
-            "min_unified_memory_gb": math.ceil(device_need / GiB) if mem["kind"] == "unified" else None,
-            "min_vram_gb": math.ceil((gpu_need + mem.get("os_reserve_gb", 0) * GiB) / GiB)
-            if mem["kind"] == "discrete" else None,
-        },
+        "device_hints": device_hints(cfg, env["total_bytes"], env["sensory_bytes"], gpu_need),
         "vision": {"projector": next((f["filename"] for f in files if f["role"] == "mmproj"), None),
                    "smoke_passed": bool(smoke and smoke["passed"])},
         "source": {"repo": locked["source"]["baseModel"], "kind": locked["source"]["kind"],

@@ -18,6 +18,8 @@ ship, so nothing here imports the forge's own registry code.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant."
@@ -93,3 +95,14 @@ def pick_files(folder: Path) -> dict:
     projectors = sorted(p.name for p in ggufs if "mmproj" in p.name.lower())
     drafts = sorted(p.name for p in ggufs if p.name.lower().startswith("mtp-"))
     return {"model": model.name if model else None, "projectors": projectors, "drafts": drafts}
+
+
+def arrive(folder: Path, order) -> Path:
+    """Files named `order` in a fresh folder, each newer than the last, as a download in that order
+    leaves them. The picker reads names and mtimes alone, so they stand empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i, name in enumerate(order):
+        (folder / name).touch()
+        os.utime(folder / name, ns=(1_700_000_000_000_000_000 + i * 10**9,) * 2)
+    return folder

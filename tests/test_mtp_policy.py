@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
 
 from conftest import assert_ok
-from continuum_product import pick_files
+from continuum_product import arrive, pick_files
 from test_sources import workspace, write_alloy
 
 from compiler.ggufcheck import read_layout
@@ -54,13 +52,7 @@ def test_mtp_head_dropped_by_default_and_drafted_on_request(tmp_path):
                      "mtp-with-mtp-BF16.gguf": "mtp-draft"}
     assert sorted(entry["allow_patterns"]) == sorted(roles)
     for order in itertools.permutations(roles):
-        stamped = tmp_path / "dl"
-        shutil.rmtree(stamped, ignore_errors=True)
-        stamped.mkdir()
-        for i, name in enumerate(order):
-            (stamped / name).touch()  # the product picks by name and mtime alone
-            os.utime(stamped / name, ns=(1_700_000_000_000_000_000 + i * 10**9,) * 2)
-        assert pick_files(stamped) == {"model": "with-mtp-Q4_K_M.gguf", "projectors": ["mmproj-with-mtp-F16.gguf"],
+        assert pick_files(arrive(tmp_path / "dl", order)) == {"model": "with-mtp-Q4_K_M.gguf", "projectors": ["mmproj-with-mtp-F16.gguf"],
                                        "drafts": ["mtp-with-mtp-BF16.gguf"]}, order
 
     # The default (drop): the same text GGUF, no draft file, and the conversion shared.

@@ -7,14 +7,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
-import shutil
 
 import pytest
 import yaml
 
 from conftest import SEED_KINDS, Workspace, assert_ok
-from continuum_product import pick_files
+from continuum_product import arrive, pick_files
 from hub_loopback import LoopbackHub
 
 pytestmark = pytest.mark.build
@@ -34,17 +32,10 @@ def publish(ws, hub, *args):
                    HF_TOKEN=TOKEN, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1")
 
 
-def download(folder, files: dict, order) -> "os.PathLike":
-    """The repo's file names in a fresh folder, each newer than the last, as a download in that order
-    leaves them. The product picks by name and mtime alone, so the files stand empty (their bytes
-    are the Hub's, checked against the lock above)."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    for i, name in enumerate(order):
-        assert name in files, name
-        (folder / name).touch()
-        os.utime(folder / name, ns=(1_700_000_000_000_000_000 + i * 10**9,) * 2)
-    return folder
+def download(folder, files: dict, order):
+    """The repo's files arriving in `order` (their bytes are the Hub's, checked against the lock)."""
+    assert set(order) <= set(files), order
+    return arrive(folder, order)
 
 
 def front_matter(card: str) -> dict:
