@@ -188,11 +188,15 @@ class Session:
         self.timing["prompt_s"] += time.monotonic() - t0
         return n_past, self.argmax(-1)
 
-    def generate(self, states: list[list], n_tokens: int, one_history: bool = False) -> None:
+    def generate(self, states: list[list], n_tokens: int, one_history: bool = False, until_end: bool = False) -> None:
         """states: [seq, n_past, tokens]; one batch per step, one token per sequence. With
         one_history (the broken setup) every state shares one sequence, so its tokens take
-        consecutive positions of that one history."""
+        consecutive positions of that one history. until_end (one state): stop at the end of the
+        turn (an end-of-generation token, kept in the tokens), as the product's chat does -- what
+        comes after it is not part of the answer."""
         for _ in range(n_tokens - 1):
+            if until_end and self.ll.llama_vocab_is_eog(self.vocab, states[0][2][-1]):
+                break
             t0 = time.monotonic()
             batch = self.ll.llama_batch_init(len(states), 0, 1)
             base = max(st[1] for st in states)
@@ -361,7 +365,7 @@ def main(argv: list[str]) -> int:
             s.clear()
             n_past, first = s.prefill(0, chat(item["question"], True), png(item["image"]))
             st = [[0, n_past, [first]]]
-            s.generate(st, n_gen)
+            s.generate(st, n_gen, until_end=True)
             said = s.piece(st[0][2])
             out.append({"id": item["id"], "question": item["question"], "answer": said,
                         "accepted": item["accepted"],
