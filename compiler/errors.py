@@ -33,3 +33,7 @@ class ForgeError(Exception):
 
 class SourceUnreachable(ForgeError):
     """The alloy's source cannot be fetched (no network, private or gated repo, bad revision)."""
+
+
+class OutOfSpace(ForgeError):
+    """A file system filled up while a step wrote to it (ENOSPC), or would by the preflight's count."""

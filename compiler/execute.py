@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import memory
-from .errors import ForgeError
+from .errors import ForgeError, OutOfSpace
 from .paths import build_dir, state_dir, variants_dir
 from .runlog import StepLog
 from .store import Entry, Writer, require
@@ -20,7 +20,7 @@ from .store import Entry, Writer, require
 STAGES = {
     "synthetic": "source", "hub": "source", "local": "source",
     "validate": "validate",
-    "convert": "convert", "mmproj": "convert", "mtp-draft": "convert",
+    "convert": "convert", "mmproj": "mmproj", "mtp-draft": "mtp_draft",
     "quantize": "quantize", "mmproj-quantize": "quantize",
     "imatrix": "imatrix",
     "kld-base": "kld", "kld-q8": "kld", "gate": "gate",
@@ -102,19 +102,54 @@ def _run_step_locked(plan, step, out: Entry) -> None:
                 if log.peak_rss_mib:
                     w.extra["peak_rss_mib"] = log.peak_rss_mib
                 log(f"done in {w.extra['seconds']:.1f} s")
-            except BaseException:
+            except BaseException as e:
                 log.close()
                 keep_failed_log(task, log.path)
+                if _out_of_space(e, log, out.dir.parent):
+                    # Named as what it is, not as the tool's traceback; the partial folder goes with
+                    # the Writer, so nothing half-written stays.
+                    free = shutil.disk_usage(out.dir.parent).free
+                    raise OutOfSpace("the disk filled up while this step wrote its output (ENOSPC); its partial "
+                                     "output was removed", where=task,
+                                     found=f"{free / 1e9:.2f} GB free in {out.dir.parent} now",
+                                     hint="free space there or point FORGE_BUILD_DIR at a larger disk, then rerun "
+                                          "doit (the preflight counts what a run needs: FORGE_PREFLIGHT must not "
+                                          "be 0)") from None
                 raise
             finally:
                 log.close()
 
 
+# What tools say when a write finds no room: the C library's ENOSPC text, numpy's tofile (the
+# converter's writer), and ENOSPC itself.
+_NO_ROOM = ("No space left on device", "Not enough free space", "ENOSPC")
+
+
+def _out_of_space(e: BaseException, log: StepLog, folder: Path) -> bool:
+    """A failed step ran out of disk: ENOSPC in this process (an OSError anywhere in the chain), a
+    tool saying so (its output), or the file system still all but full while its partial output is
+    there (a tool that words it otherwise)."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if any(m in str(e) for m in _NO_ROOM):  # a tool's failure, with its output's tail
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        text = log.path.read_text(errors="replace") if log.path.is_file() else ""
+        nearly_full = shutil.disk_usage(folder).free < (16 << 20)
+    except OSError:
+        text, nearly_full = "", False
+    return nearly_full or any(m in t for m in _NO_ROOM for t in (text, log.tail(40)))
+
+
 def keep_failed_log(task: str, log: Path) -> None:
     """The partial folder goes away with a failure; its log must not."""
     dest = build_dir() / "logs" / (task.replace(":", "_").replace("/", "_") + ".failed.log")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    try:  # on a full disk this may fail too: the failure itself must still be reported
+        dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(log, dest)
         print(f"  {task}: failed; its log is kept at {dest}", flush=True)
     except OSError:

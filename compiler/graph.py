@@ -152,17 +152,22 @@ def compile_graph(cli_vars: dict, pins: dict | None = None) -> plan_mod.Plan:
 
 
 def check_texts(plan) -> None:
-    """Calibration and held-out texts must be the bytes their recipe pinned (stat-cached sha256)."""
+    """Calibration and held-out texts must be the bytes their recipe pinned (stat-cached sha256):
+    every alloy's own file, also where alloys share one imatrix step (same name and content)."""
+    checks = {}
+    for v in plan.variants:
+        imatrix = v.steps.get("imatrix")
+        if imatrix is not None:
+            calibration = v.alloy.stage("quant")["calibration"]
+            pin = (calibration["file"], calibration["sha256"], "calibration corpus")
+            checks.setdefault(pin, []).append(str(v.alloy.path))
     for step in plan.steps.values():
-        if step.kind == "imatrix":
-            name, digest = step.params["corpus"], step.params["corpus_sha256"]
-            users = sorted({str(v.alloy.path) for v in plan.variants if v.steps.get("imatrix") is step})
-            where, what = f"{', '.join(users)} $.stages[quant].calibration", "calibration corpus"
-        elif step.kind == "kld-base":
-            name, digest = step.params["file"], step.params["sha256"]
-            where, what = "conf gate.heldout / gate.heldout_sha256", "held-out text"
-        else:
-            continue
+        if step.kind == "kld-base":
+            checks[(step.params["file"], step.params["sha256"], "held-out text")] = \
+                ["conf gate.heldout / gate.heldout_sha256"]
+    for (name, digest, what), users in checks.items():
+        where = users[0] if what == "held-out text" else \
+            f"{', '.join(sorted(set(users)))} $.stages[quant].calibration"
         path = project_file(name)
         if not path.is_file():
             raise ForgeError(f"{what} not found", where=where, found=str(path))

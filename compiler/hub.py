@@ -270,13 +270,19 @@ def _cached_sha256(repo: str, f: RemoteFile, digest_of) -> str | None:
 
 
 def _point(repo: str, commit: str, f: RemoteFile) -> None:
-    """snapshots/<commit>/<file> -> ../../blobs/<etag>, so the library (and `hf cache scan`) sees it."""
+    """snapshots/<commit>/<file> -> ../../blobs/<etag>, so the library (and `hf cache scan`) sees it.
+    Made under the blob's lock and put in place by a rename: a second build dir fetching the same
+    commit at once finds either no link or a whole one, never a half-replaced one (FileExistsError)."""
     blob = storage(repo) / "blobs" / f.etag
     pointer = storage(repo) / "snapshots" / commit / f.name
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    if pointer.is_symlink() or pointer.exists():
-        pointer.unlink()
-    os.symlink(os.path.relpath(blob, pointer.parent), pointer)
+    target = os.path.relpath(blob, pointer.parent)
+    if pointer.is_symlink() and os.readlink(pointer) == target:
+        return
+    tmp = pointer.with_name(f".{pointer.name}.forge-link-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, pointer)
 
 
 def fetch(repo: str, commit: str, revision: str, patterns: list[str] | None, dest: Path, log, digest_of,
@@ -313,13 +319,15 @@ def fetch(repo: str, commit: str, revision: str, patterns: list[str] | None, des
             sha256 = _cached_sha256(repo, f, digest_of)
             if sha256 is None:
                 sha256 = _download(repo, commit, f, log, alloys)
-        _point(repo, commit, f)
+            _point(repo, commit, f)
         _link(storage(repo) / "blobs" / f.etag, dest / f.name)
         digests[f.name] = sha256
     if not is_commit(revision):
         refs = storage(repo) / "refs" / revision
         refs.parent.mkdir(parents=True, exist_ok=True)
-        refs.write_text(commit)
+        tmp = refs.with_name(f".{refs.name}.forge-{os.getpid()}")
+        tmp.write_text(commit)
+        os.replace(tmp, refs)  # whole, whoever writes it last
     return digests
 
 

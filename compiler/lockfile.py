@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .alloy import canonical_json, validate
 from .errors import ForgeError
-from .paths import build_dir, lock_path
+from .paths import alloys_dir, build_dir, lock_path
 from .store import Entry
 from .toolchain import fingerprint_parts
 
@@ -233,7 +233,8 @@ def recorded(plan, variant, record_experiments: bool = False) -> bool:
         return (lock["variants"].get(variant.id) == entry
                 and lock.get("chatTemplates", {}).get(entry["chatTemplate"]["name"]) == chat_template(variant)
                 and set(lock.get("chatTemplates", {})) == _templates_in_use(lock)
-                and not no_longer_declared(lock, plan, variant))
+                and not no_longer_declared(lock, plan, variant)
+                and not (plan.alloys and {e["alloy"] for e in lock["variants"].values()} - set(plan.alloys)))
     except (OSError, ValueError, KeyError, ForgeError):
         return False  # unreadable or not valid: the lock task rewrites it
 
@@ -252,6 +253,11 @@ def update(plan, variants, record_experiments: bool = False) -> tuple[Path, bool
         # result as a whole must validate before it replaces the file.
         lock = read(path, check=False)
         before = json.dumps(lock, sort_keys=True)
+        for gone in [vid for vid, e in lock["variants"].items() if plan.alloys and e["alloy"] not in plan.alloys]:
+            # Its alloy was deleted: nothing builds, verifies or lists it any more.
+            print(f"  lock: {gone} leaves {path.name}: alloy {lock['variants'][gone]['alloy']} is no longer in "
+                  f"{alloys_dir()}")
+            del lock["variants"][gone]
         for v in variants:
             for gone in no_longer_declared(lock, plan, v):
                 del lock["variants"][gone]

@@ -94,6 +94,7 @@ class Plan:
     variants: list
     toolchain: str
     selected: list          # alloy names
+    alloys: list = field(default_factory=list)  # every alloy's name in alloys/, selected or not
 
 
 def projector_label(step: Step) -> str:
@@ -104,10 +105,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._,-]+", "-", text).strip("-").lower()
 
 
-def source_params(alloy: Alloy, source_ids: dict) -> tuple[str, dict, bool, dict]:
+def source_params(alloy: Alloy, source_ids: dict, drawing: dict | None = None) -> tuple[str, dict, bool, dict]:
     """(kind, params, depends_on_toolchain, runtime) of the source step. A Hub source is keyed by
     the commit its revision resolved to (source_ids[alloy.name]["commit"], from graph.py), never by
-    a branch name whose bytes move."""
+    a branch name whose bytes move. `drawing`: toolchain.drawing_parts(), for a trained fixture."""
     src = alloy.source
     if "synthetic" in src:
         from .synthetic import load_shape
@@ -122,7 +123,9 @@ def source_params(alloy: Alloy, source_ids: dict) -> tuple[str, dict, bool, dict
 
             # Trained bytes hold within one CPU kernel class (compiler/kernels.py): in the key, so a
             # machine of another class builds its own source and never takes or records this one's.
-            params["train"] = {"steps": src["synthetic"]["train"]["steps"], "platformClass": platform_class()}
+            # Its pictures are drawn by Pillow and FreeType: they shape the trained weights too.
+            params["train"] = {"steps": src["synthetic"]["train"]["steps"], "platformClass": platform_class(),
+                               "drawing": drawing}
         return "synthetic", params, True, {}
     if "localPath" in src:
         local = source_ids[alloy.name]
@@ -176,7 +179,8 @@ def select_alloys(alloys: list[Alloy], selectors: dict, overrides: list[str]) ->
 # The forge's own code each step kind runs: its digest joins that kind's keys, so a change to how a
 # step is done reruns that step (and what follows), never the others.
 STAGE_CODE = {
-    "convert": ["stages/convert.py"], "mmproj": ["stages/convert.py"], "mtp-draft": ["stages/convert.py"],
+    "convert": ["stages/convert.py", "stages/converter.py"], "mmproj": ["stages/mmproj.py", "stages/converter.py"],
+    "mtp-draft": ["stages/mtp_draft.py", "stages/converter.py"],
     "validate": ["stages/validate.py", "weights.py"],
     "imatrix": ["stages/imatrix.py"], "quantize": ["stages/quantize.py"], "mmproj-quantize": ["stages/quantize.py"],
     "kld-base": ["stages/kld.py"], "kld-q8": ["stages/kld.py"], "gate": ["stages/gate.py", "stages/kld.py"],
@@ -199,7 +203,7 @@ FINGERPRINT_OF = {"synthetic": "converter", "convert": "converter", "mmproj": "c
 
 def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprints: dict, source_ids: dict,
          code: dict | None = None) -> Plan:
-    """`fingerprints`: toolchain.fingerprints() (converter, build, full); `code`: kind -> digest of
+    """`fingerprints`: toolchain.fingerprints() (converter, build, full, drawing); `code`: kind -> digest of
     the forge code that kind runs (STAGE_CODE), from the caller."""
     toolchain = fingerprints["full"]
     chosen, overrides = select_alloys(alloys, selectors, overrides)
@@ -251,7 +255,7 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
         where = str(alloy.path)
         quants = [quant_override] if quant_override else [
             resolve_quant(q, where=f"{where} $.stages[quant].quantTypes") for q in alloy.quant_types]
-        kind, sparams, needs_fp, sruntime = source_params(alloy, source_ids)
+        kind, sparams, needs_fp, sruntime = source_params(alloy, source_ids, fingerprints.get("drawing"))
         src_label = slug(alloy.source["baseModel"].split("/")[-1])
         at = f" (commit {sparams['commit'][:12]})" if "commit" in sparams else ""
         source = add("source", src_label, kind, sparams, [], toolchain if needs_fp else None,
@@ -281,6 +285,17 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             # reference logits), but no key holds the check's (a better check must not re-convert 55 GB).
             validate = add("validate", src_label, "validate", {"max_abs": cfg["weights"]["max_abs"]},
                            [("source", source)], toolchain, f"check {model_name}'s config and weights before converting")
+            draft = None
+            if cfg["convert"]["mtp"] == "draft":
+                # The checkpoint's MTP head as its own speculative-draft GGUF (converter --mtp), at the
+                # conversion type; the text GGUF never carries it (stages/convert.py, stages/mtp_draft.py).
+                # Planned before the text conversion, so doit runs it first: a checkpoint without a
+                # head is refused (stages/mtp_draft.py) before the long conversion, with no key or
+                # dependency of the conversion's changed by the policy.
+                draft = add("mtp-draft", src_label, "mtp-draft", {"outtype": outtype, "model_name": model_name},
+                            [("source", source)], toolchain,
+                            f"convert {model_name}'s multi-token-prediction head to a {outtype.upper()} draft GGUF",
+                            after=[validate])
             convert = add("convert", src_label, "convert", {"outtype": outtype, "model_name": model_name},
                           [("source", source)], toolchain, f"convert {model_name} text model to {outtype.upper()} GGUF",
                           after=[validate])
@@ -289,11 +304,14 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             imatrix = None
             if calibration and q["imatrix"] in ("required", "recommended"):
                 imx = cfg["imatrix"]
+                # The corpus by content and by the bare name llama-imatrix writes into its output
+                # (stages/imatrix.py), never by where it lies: the same corpus moved keeps its key.
+                corpus_name = calibration["file"].replace("\\", "/").split("/")[-1]
                 imatrix = add("imatrix", src_label, "imatrix",
-                              {"corpus": calibration["file"], "corpus_sha256": calibration["sha256"],
+                              {"corpus_name": corpus_name, "corpus_sha256": calibration["sha256"],
                                "ctx": imx["ctx"], "chunks": imx["chunks"], "process_output": imx["process_output"]},
-                              [("model", convert)], toolchain,
-                              f"importance matrix of {model_name} over {calibration['file'].split('/')[-1]}")
+                              [("model", convert)], toolchain, f"importance matrix of {model_name} over {corpus_name}",
+                              runtime={"corpus": calibration["file"]})
             qparams = {"llama_type": q["llama_type"],
                        "output_type": pick(qstage.get("outputTensorType"), q["output_type"], "quant.output_type"),
                        "token_embedding_type": pick(qstage.get("tokenEmbeddingType"), q["token_embedding_type"],
@@ -331,13 +349,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             v.steps.update(source=source, validate=validate, convert=convert, quantize=quantize, gate=gate)
             if imatrix:
                 v.steps["imatrix"] = imatrix
-            if cfg["convert"]["mtp"] == "draft":
-                # The checkpoint's MTP head as its own speculative-draft GGUF (converter --mtp), at the
-                # conversion type; the text GGUF never carries it (stages/convert.py).
-                v.steps["draft"] = add("mtp-draft", src_label, "mtp-draft", {"outtype": outtype, "model_name": model_name},
-                                       [("source", source)], toolchain,
-                                       f"convert {model_name}'s multi-token-prediction head to a {outtype.upper()} draft GGUF",
-                                       after=[validate])
+            if draft:
+                v.steps["draft"] = draft
             if mmproj:
                 ptype = pick(alloy.projector_type, q["projector"], "quant.projector")
                 if ptype == "f16":
@@ -375,6 +388,8 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                                    "vision_items_cpu": sm["vision_items_cpu"], "persona_image_px": sm["persona_image_px"]},
                            "min_vision_score": sm["min_vision_score"],
                            "min_projector_agreement": sm["min_projector_agreement"],
+                           # the suite's pictures: what draws them shapes the answers
+                           "drawing": fingerprints.get("drawing"),
                            # random weights see nothing: their suite runs for its mechanics, ungated
                            "sees": kind != "synthetic" or "train" in sparams,
                            **({} if sm["gate_alone"] else {"gate_alone": False})}
@@ -404,4 +419,5 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             v.steps["receipt"] = add("receipt", vid, "receipt", rparams, rinputs + [("source", source)], toolchain,
                                      f"write {vid}'s receipt and link its files")
             variants.append(v)
-    return Plan(steps=steps, variants=variants, toolchain=toolchain, selected=[a.name for a in chosen])
+    return Plan(steps=steps, variants=variants, toolchain=toolchain, selected=[a.name for a in chosen],
+                alloys=[a.name for a in alloys])

@@ -111,8 +111,16 @@ def _variant_sections(c: Checked, multi: bool) -> list[str]:
                      f"{'pass' if kld['passed'] else 'FAIL'} |")
     if "vision-suite" in bench:
         vs = bench["vision-suite"]
+        verdict = ("pass" if vs["passed"] else "FAIL") + f" (>= {vs['metrics']['min_score']})" if vs["gated"] \
+            else "reported, not gated (random weights)"
         lines.append(f"| vision suite (generated images) | score {vs['metrics']['score']:.2f} over {vs['metrics']['items']} "
-                     f"items | {'gated' if vs['gated'] else 'reported (random weights)'} |")
+                     f"items | {verdict} |")
+    if "projector-agreement" in bench:
+        pa = bench["projector-agreement"]
+        verdict = ("pass" if pa["passed"] else "FAIL") + f" (>= {pa['metrics']['min_agreement']})" if pa["gated"] \
+            else "reported, not gated (random weights)"
+        lines.append(f"| shipped projector answers as its F32 conversion | {pa['metrics']['agreement']:.2f} of "
+                     f"{pa['metrics']['items']} items | {verdict} |")
     if "personas" in bench:
         p = bench["personas"]["metrics"]
         lines.append(f"| {p['n_seq_max']} personas in one context | isolated {p['isolated_passed']}/{p['isolated_total']}, "

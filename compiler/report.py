@@ -73,6 +73,20 @@ class ForgeReporter(ConsoleReporter):
             lines.append(f"  {v.id:<32} {state}")
         if lines:
             self.write("Variants:\n" + "\n".join(lines) + "\n")
+        if "registry" in self.waiting:
+            self._registry_after_failures()
+
+    def _registry_after_failures(self):
+        """doit held the registry back for the failures above; the lock holds every variant that did
+        finish, so the registry is written from it now (a failed variant keeps the entry it had)."""
+        from .errors import ForgeError
+        from .tasks import write_registry
+
+        try:
+            write_registry(" (after the failures above: the variants that failed keep what the lock had)")
+        except ForgeError as e:
+            self.failed["registry"] = str(e)
+            self.write(f"FAILED registry: {e}\n")
 
 
 def reporter_for(plan) -> type:

@@ -46,7 +46,10 @@ class StepLog:
         return "\n".join(self._tail[-n:])
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # a full disk: what could not be flushed is lost, the step's own error is not
+            pass
 
     def run(self, cmd: list, what: str, env: dict | None = None, cwd: Path | None = None) -> str:
         """Run a tool, logging all its output and echoing its progress every 10%; returns the output."""

@@ -94,9 +94,21 @@ def lock_task(plan, variant, record_experiments: bool = False) -> dict:
     }
 
 
+def write_registry(why: str = "") -> None:
+    """Regenerate the registry and the catalog from the alloys, conf/ and the lock, saying so."""
+    from . import registry
+
+    changed = registry.write(registry.build())
+    print(f"  registry: {registry.registry_path()} and {registry.catalog_path().name} "
+          f"{'updated' if changed else 'unchanged'}{why}")
+
+
 def registry_task(plan) -> dict:
     """Regenerate model_registry.json from the alloys, conf/ and the lock, after the lock tasks; up
-    to date when the file already holds exactly what would be generated (no weights read)."""
+    to date when the file already holds exactly what would be generated (no weights read). Where a
+    variant failed, doit holds this task back (its dependencies did not all succeed); the reporter
+    then writes it at the end of the run (report.ForgeReporter.complete_run), so one alloy's failure
+    never leaves the others' entries stale."""
     from . import registry
 
     def current(task, values):
@@ -106,9 +118,7 @@ def registry_task(plan) -> dict:
             return False  # the action reports it
 
     def write():
-        changed = registry.write(registry.build())
-        print(f"  registry: {registry.registry_path()} and {registry.catalog_path().name} "
-              f"{'updated' if changed else 'unchanged'}")
+        write_registry()
 
     return {
         "basename": "registry",

@@ -129,13 +129,25 @@ def unpack_vendor(archive: Path, log=print) -> Path:
     tmp = VENDOR_DIR.parent / ".llama.cpp.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with tarfile.open(archive) as tar:
-        members = []
-        for m in tar.getmembers():
-            if m.name.startswith(VENDOR_PREFIX) and len(m.name) > len(VENDOR_PREFIX):
-                m.name = m.name[len(VENDOR_PREFIX):]
-                members.append(m)
-        tar.extractall(tmp, members=members, filter="data")
+    try:
+        with tarfile.open(archive) as tar:
+            members = []
+            for m in tar.getmembers():
+                if m.name.startswith(VENDOR_PREFIX) and len(m.name) > len(VENDOR_PREFIX):
+                    m.name = m.name[len(VENDOR_PREFIX):]
+                    members.append(m)
+            for m in members:
+                # What the "data" extraction filter refuses (Python < 3.11.4 has no filter argument):
+                # absolute paths, paths out of the folder, links and device files.
+                target = (tmp / m.name).resolve()
+                if not (m.isfile() or m.isdir()) or not target.is_relative_to(tmp.resolve()):
+                    raise ForgeError("the source archive holds an entry that is not a plain file or folder inside "
+                                     "vendor/llama.cpp", where=str(archive), found=m.name)
+            # The filter also drops owners and special mode bits; where it exists, it is used as well.
+            tar.extractall(tmp, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-unpacked is left behind
+        raise
     (tmp / ".forge-archive-sha256").write_text(ARCHIVE_SHA256 + "\n")
     shutil.rmtree(VENDOR_DIR, ignore_errors=True)
     os.replace(tmp, VENDOR_DIR)
@@ -167,12 +179,32 @@ def _pkg_version(name: str) -> str:
         return "absent"
 
 
+# The environment variables cmake reads into its compile and link lines at the first configure
+# (CMAKE_<LANG>_FLAGS_INIT and the linker's): a CFLAGS=-O1 or an -ffast-math in CXXFLAGS gives other
+# bytes of every k-quant, so they are part of what the build is.
+FLAG_VARIABLES = ("CFLAGS", "CXXFLAGS", "CPPFLAGS", "LDFLAGS")
+
+
+@functools.lru_cache(maxsize=None)
+def cmake_id() -> str:
+    """cmake's first --version line: its version decides the compile lines it generates (default
+    flags, policies) from the same CMakeLists."""
+    try:
+        out = subprocess.run(["cmake", "--version"], capture_output=True, text=True, timeout=20).stdout
+        return out.splitlines()[0].strip() if out else "cmake (no version)"
+    except (OSError, subprocess.TimeoutExpired):
+        return "cmake (not found)"
+
+
 def build_parts() -> dict:
     """What the compiled llama.cpp (libraries and tools) depends on: the pinned source, the cmake
-    flags, the compiler and the CPU architecture. Nothing of Python: a torch upgrade recompiles nothing."""
+    flags and cmake itself, the flag variables of the environment, the compiler and the CPU
+    architecture. Nothing of Python: a torch upgrade recompiles nothing."""
     return {
         "source": f"{PACKAGE}=={VERSION} sha256:{ARCHIVE_SHA256}",
         "flags": BUILD_FLAGS + rpath_flags() + ggml_flags(),
+        "env": {v: os.environ[v] for v in FLAG_VARIABLES if os.environ.get(v)},
+        "cmake": cmake_id(),
         "compiler": compiler_id(),
         "machine": platform.machine(),
     }
@@ -209,11 +241,25 @@ def converter_parts() -> dict:
             "python": {n: _pkg_version(n) for n in CONVERTER_PACKAGES}}
 
 
+@functools.lru_cache(maxsize=None)
+def drawing_parts() -> dict:
+    """What draws the pictures the demo trains on and the smoke's suites are made of: Pillow, the
+    FreeType that rasterises their words and digits, and the text layout library where Pillow has
+    one. A Pillow or FreeType upgrade moves pixels, and with them the trained weights and the
+    smoke's answers. (Imports PIL: only planning calls this, never the set-up.)"""
+    from PIL import features
+
+    return {"pillow": _pkg_version("pillow"), "freetype2": features.version("freetype2"),
+            "raqm": features.version("raqm")}
+
+
 def fingerprints() -> dict:
     """Per kind of step, the fingerprint of what shapes its bytes: `converter` (Python side only),
-    `build` (the compiled llama.cpp only) and `full` (both: steps that run the binding from Python)."""
+    `build` (the compiled llama.cpp only) and `full` (both: steps that run the binding from Python);
+    and `drawing` (drawing_parts), for the steps that draw pictures."""
     build, conv = build_parts(), converter_parts()  # each package version read once
-    return {"converter": _digest(conv), "build": _digest(build), "full": _digest({**build, "python": conv["python"]})}
+    return {"converter": _digest(conv), "build": _digest(build), "full": _digest({**build, "python": conv["python"]}),
+            "drawing": drawing_parts()}
 
 
 def build_dir(key: str | None = None) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import ggufdiff
 from .errors import ForgeError
-from .paths import ROOT, build_dir, lock_path
+from .paths import ROOT, alloys_dir, build_dir, lock_path
 from .toolchain import fingerprint_parts
 
 # The steps whose keys decide an output's bytes (gate, smoke and receipt keys may change without
@@ -44,8 +44,15 @@ def selected(lock: dict, cli_vars: dict) -> list[str]:
     if only and only - set(lock["variants"]):
         raise ForgeError("no such variant in the lock", where=f"only={cli_vars['only']}",
                          found=sorted(only - set(lock["variants"])), allowed=sorted(lock["variants"]))
+    from .alloy import ALLOY_SUFFIX
+
     for vid, entry in lock["variants"].items():
         if only is not None and vid not in only:
+            continue
+        if not (alloys_dir() / f"{entry['alloy']}{ALLOY_SUFFIX}").is_file():
+            # Deleted since it was locked: there is no recipe to rebuild it from (the next doit drops it).
+            print(f"verify: {vid} skipped: its alloy {entry['alloy']} is no longer in {alloys_dir()} (the next "
+                  f"`doit` removes its lock entry)", flush=True)
             continue
         if "alloy" in cli_vars and entry["alloy"] not in cli_vars["alloy"].split(","):
             continue

@@ -113,6 +113,47 @@ def check_config(folder: Path) -> dict:
     return summary
 
 
+# --- tokenizer and chat template ----------------------------------------------------------------
+
+def check_tokenizer(folder: Path) -> dict:
+    """The tokenizer the converter writes into the text GGUF, and the chat template it takes, found
+    as gguf-py's SpecialVocab finds them: the template from tokenizer_config.json's chat_template,
+    else chat_template.jinja, else chat_template.json -- and only where tokenizer_config.json exists.
+    Refused before any conversion: without a template the product could not prompt the model the
+    way it was trained, and that used to be found at the receipt, after every expensive step."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file() and not all((folder / f).is_file() for f in ("vocab.json", "merges.txt")):
+        raise ForgeError("the checkpoint has no tokenizer the converter can read", where=str(folder),
+                         found=sorted(p.name for p in folder.iterdir() if "token" in p.name or "vocab" in p.name),
+                         allowed="tokenizer.json, or vocab.json and merges.txt",
+                         hint="add them to the alloy's source.allowPatterns")
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        raise ForgeError("the checkpoint has no tokenizer_config.json: the converter then writes no chat template",
+                         where=str(folder), hint="add tokenizer_config.json to the alloy's source.allowPatterns")
+    try:
+        tok_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ForgeError(f"tokenizer_config.json is not valid JSON: {e}", where=str(config_path)) from None
+    template, origin = tok_config.get("chat_template") if isinstance(tok_config, dict) else None, config_path.name
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template, origin = (folder / "chat_template.jinja").read_text(encoding="utf-8"), "chat_template.jinja"
+    elif template is None and (folder / "chat_template.json").is_file():
+        try:
+            template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ForgeError(f"chat_template.json is unreadable: {e}", where=str(folder / "chat_template.json")) from None
+        origin = "chat_template.json"
+    if isinstance(template, list):  # named templates: the converter keeps them all, "default" is the chat's
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not isinstance(template, str) or not template.strip():
+        raise ForgeError("the checkpoint has no chat template", where=str(folder),
+                         found=f"none in {config_path.name}, chat_template.jinja or chat_template.json",
+                         hint="the product prompts each model with the template it was trained with; add the "
+                              "repo's chat_template.jinja (or .json) to the alloy's source.allowPatterns")
+    return {"template": template, "from": origin}
+
+
 # --- safetensors headers -----------------------------------------------------------------------
 
 def _read_header(path: Path) -> tuple[int, dict]:

@@ -174,3 +174,38 @@ def test_compile_progress_is_readable():
     assert 18 <= len(lines) <= 22  # one line per 5%, not one per object
     assert lines[-1].startswith("llama.cpp 200/200 (100%)")
     assert "left" in lines[5] and "llama-" in lines[5]
+
+
+def _archive(path: Path, entries: dict) -> Path:
+    """A tar.gz laid out as the pinned archive is: name -> bytes, or ("link", target) for a symlink."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(toolchain.VENDOR_PREFIX + name)
+            if isinstance(data, tuple):
+                info.type, info.linkname = tarfile.SYMTYPE, data[1]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_the_archive_unpacks_where_python_has_no_extraction_filter(tmp_path, monkeypatch):
+    # Python 3.11.0-3.11.3 have no `filter` argument (a TypeError there): the unpack checks the
+    # members itself and passes no filter. Reproduced by taking the filter away from this tarfile.
+    import tarfile
+
+    monkeypatch.delattr(tarfile, "data_filter")
+    monkeypatch.setattr(toolchain, "VENDOR_DIR", tmp_path / "vendor" / "llama.cpp")
+    good = _archive(tmp_path / "good.tar.gz", {"convert_hf_to_gguf.py": b"print('hi')\n", "gguf-py/gguf/x.py": b""})
+    out = toolchain.unpack_vendor(good, log=lambda m: None)
+    assert (out / "convert_hf_to_gguf.py").read_bytes() == b"print('hi')\n" and (out / "gguf-py/gguf/x.py").is_file()
+    # A link (or a path out of the folder) is refused by name, and nothing is unpacked.
+    bad = _archive(tmp_path / "bad.tar.gz", {"ok.py": b"", "escape": ("link", "/etc/passwd")})
+    shutil.rmtree(tmp_path / "vendor")
+    with pytest.raises(toolchain.ForgeError, match="not a plain file") as e:
+        toolchain.unpack_vendor(bad, log=lambda m: None)
+    assert "escape" in str(e.value) and not any((tmp_path / "vendor").iterdir())

@@ -62,6 +62,31 @@ def test_committed_lock_holds_only_declared_variants():
 
 
 @pytest.mark.build
+def test_a_deleted_alloy_leaves_the_lock_and_verify_skips_it_saying_why(tmp_path, demo_workspace, monkeypatch, capsys):
+    from compiler import verify
+
+    # A checkout of the session's build whose alloys/ no longer has demo-q8 (the lock still does).
+    ws = Workspace(tmp_path / "ws")
+    ws.seed(demo_workspace.build / "store", tuple(p.name for p in (demo_workspace.build / "store").iterdir()))
+    shutil.copy(DEMO_ALLOY, ws.alloys / DEMO_ALLOY.name)
+    shutil.copy(demo_workspace.alloys / "forge.lock.json", ws.alloys / "forge.lock.json")
+    assert set(ws.lock()["variants"]) == {"demo", "demo-q8"}
+    # Before any doit: an unfiltered verify leaves it out, saying why, instead of failing on it.
+    monkeypatch.setenv("FORGE_ALLOYS_DIR", str(ws.alloys))
+    assert verify.selected(ws.lock(), {}) == ["demo"]
+    assert "demo-q8 skipped: its alloy demo-q8 is no longer in" in capsys.readouterr().out
+    # The next doit (whatever it selects) drops its entry; the registry no longer lists it.
+    run = ws.doit("alloy=demo")
+    assert_ok(run)
+    assert "lock: demo-q8 leaves forge.lock.json: alloy demo-q8 is no longer in" in run.out
+    assert set(ws.lock()["variants"]) == {"demo"}
+    assert set(json.loads(ws.registry.read_text())["models"]) == {"demo"}
+    again = ws.doit("alloy=demo")
+    assert_ok(again)
+    assert again.executed == set(), again.out[-2000:]
+
+
+@pytest.mark.build
 def test_over_budget_variant_gets_no_receipt_lock_entry_or_links(demo_workspace):
     ws = demo_workspace
     lock_before = (ws.alloys / "forge.lock.json").read_bytes()

@@ -44,12 +44,35 @@ def test_receipt_records_smoke_and_vision_preservation(demo_workspace):
     names = {b["name"]: b for b in receipt["results"]["benchmarks"]}
     # The demo fixture sees: its vision suite and the personas' alone-check are gated.
     assert names["personas"]["passed"] and names["vision-suite"]["gated"] is True
+    assert names["vision-suite"]["passed"] is True and names["vision-suite"]["metrics"]["min_score"] == 0.8
+    assert names["projector-agreement"]["gated"] is True and names["projector-agreement"]["passed"] is True
+    assert names["projector-agreement"]["detail"]["reference"] == "mmproj-F32.gguf"
     n = names["personas"]["metrics"]["n_seq_max"]
     assert names["personas"]["metrics"]["isolated_passed"] == names["personas"]["metrics"]["isolated_total"] == n
     assert names["personas"]["detail"]["isolated"] == [True] * n
     pres = names["vision-preservation"]["metrics"]
     assert len(pres["towerSha256"]) == 64 and len(pres["projectorSha256"]) == 64
     assert names["timings"]["metrics"]["generation_tokens_per_s"] > 0
+
+
+def test_a_check_only_reported_carries_its_figure_and_no_verdict(demo_workspace, tmp_path):
+    # Random weights see nothing: their smoke reports the vision suite and the projector agreement
+    # without gating them (stages/smoke.py). The receipt then says gated: false and gives no "passed".
+    from compiler.stages.receipt import smoke_benchmarks
+
+    key = demo_workspace.lock()["variants"]["demo"]["keys"]["smoke"]
+    report = json.loads((demo_workspace.build / "store" / "smoke" / key / "smoke.json").read_text())
+    report["vision"]["gated"] = report["vision"]["reference"]["gated"] = False
+
+    class Reported:
+        def file(self, name):
+            (tmp_path / name).write_text(json.dumps(report))
+            return tmp_path / name
+    names = {b["name"]: b for b in smoke_benchmarks(Reported())}
+    for name in ("vision-suite", "projector-agreement"):
+        assert names[name]["gated"] is False and "passed" not in names[name], names[name]
+        assert "min_score" not in names[name]["metrics"] and "min_agreement" not in names[name]["metrics"]
+    assert names["vision-suite"]["metrics"]["score"] == report["vision"]["score"]
 
 
 def test_a_projector_with_a_tensor_removed_fails_preservation(demo_workspace, tmp_path):

@@ -211,9 +211,10 @@ def _drop_tensor(folder: Path, tensor: str) -> None:
 
 
 def test_failures_each_named_and_the_others_build(tmp_path, hub, checkpoint):
-    """401, 404, a checksum mismatch, a NaN weight and a missing vision tensor: each its own message
-    naming the alloy (and the tensor), nothing of theirs quantized or receipted -- while a local
-    checkpoint named relative to its alloy builds, with doit run from another folder."""
+    """401, 404, a checksum mismatch, a NaN weight, a missing vision tensor, no chat template and a
+    template whose turns are not ChatML: each its own message naming the alloy (and the tensor or
+    file), nothing of theirs converted, quantized or receipted -- while a local checkpoint named
+    relative to its alloy builds, with doit run from another folder, and gets its registry entry."""
     ws = workspace(tmp_path / "ws")
     env = hub_env(hub, tmp_path / "hf")
     hub.seed("acme/private-tiny", {"config.json": b"{}"}, private=True)
@@ -224,11 +225,15 @@ def test_failures_each_named_and_the_others_build(tmp_path, hub, checkpoint):
     write_alloy(ws, "bad-bytes", {"baseModel": "acme/corrupt-tiny", "revision": "main", "allowPatterns": PATTERNS})
 
     # Local checkpoints beside the alloys folder, named relative to the alloy file.
-    for name in ("good", "nan", "holed"):
+    refused = ("nan", "holed", "untemplated", "llama2-chat")
+    for name in ("good", *refused):
         shutil.copytree(checkpoint, ws.root / "checkpoints" / name)
     _flip_to_nan(ws.root / "checkpoints" / "nan", "model.language_model.layers.1.mlp.down_proj.weight")
     _drop_tensor(ws.root / "checkpoints" / "holed", "model.visual.blocks.1.mlp.linear_fc1.weight")
-    for name in ("good", "nan", "holed"):
+    _set_template(ws.root / "checkpoints" / "untemplated", None)
+    _set_template(ws.root / "checkpoints" / "llama2-chat",
+                  "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    for name in ("good", *refused):
         write_alloy(ws, f"local-{name}", {"baseModel": f"local/Qwen3.5-Tiny-{name}", "revision": "local",
                                           "localPath": f"../checkpoints/{name}"})
 
@@ -247,17 +252,37 @@ def test_failures_each_named_and_the_others_build(tmp_path, hub, checkpoint):
     assert "config.json: the downloaded bytes do not match the Hub's hash" in out and "alloy bad-bytes" in out
     assert "alloy local-nan" in out and "model.language_model.layers.1.mlp.down_proj.weight holds nan" in out
     assert "alloy local-holed" in out and "model.visual.blocks.1.mlp.linear_fc1.weight" in out
+    assert "alloy local-untemplated" in out and "the checkpoint has no chat template" in out
+    assert "alloy local-llama2-chat" in out and "its turns are not ChatML as the product builds them" in out
     ran = set(l.split()[-1] for l in proc.stdout.splitlines() if l.startswith(".  "))
-    for bad in ("needs-login", "no-such-repo", "bad-bytes", "local-nan", "local-holed"):
+    for bad in ("needs-login", "no-such-repo", "bad-bytes", *(f"local-{name}" for name in refused)):
         assert summary[bad].startswith("failed"), (bad, summary[bad])
         assert f"quantize:{bad}" not in ran
         assert not (ws.build / "variants" / bad).exists()
-    # Refused weights cost nothing after the check: no conversion, projector, imatrix or reference logits.
-    for label in ("qwen3.5-tiny-nan", "qwen3.5-tiny-holed"):
+    # A refused source costs nothing after the check: no conversion, projector, imatrix or reference logits.
+    for label in (f"qwen3.5-tiny-{name}" for name in refused):
         assert f"validate:{label}" in ran
         assert not {t for t in ran if t.split(":", 1)[1].startswith(label) and not t.startswith(("source:", "validate:"))}, ran
     lock = ws.lock()["variants"]
     assert set(lock) == {"local-good"} and lock["local-good"]["source"]["kind"] == "local"
+    # A local checkpoint is judged as a real one, at the limit this workspace's conf sets (0.0 here,
+    # for random weights): the receipt says which limit its verdict is against.
+    receipt = json.loads((ws.build / "variants" / "local-good" / "local-good.alloy.json").read_text())
+    vision = {b["name"]: b for b in receipt["results"]["benchmarks"]}["vision-suite"]
+    assert vision["gated"] is True and vision["metrics"]["min_score"] == 0.0 and vision["passed"] is True
+    # The failures hold nothing back: the registry was regenerated with what did build.
+    assert "registry:" in out and set(json.loads(ws.registry.read_text())["models"]) == {"local-good"}
+
+
+def _set_template(folder, template: str | None) -> None:
+    """The checkpoint's chat template replaced (None: taken away), wherever the converter looks."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    if template is not None:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
 def test_disk_too_small_is_refused_before_downloading(tmp_path, hub, checkpoint):
@@ -284,3 +309,44 @@ def test_disk_too_small_is_refused_before_downloading(tmp_path, hub, checkpoint)
     need = sum(len(v) for v in files_of(checkpoint).values()) / 1e9
     assert f"{need:.2f} GB left to download, 0.00 GB free" in proc.stdout and "alloy big" in proc.stdout
     assert hub.served_bytes("acme/big-tiny") == served
+
+
+def test_two_build_dirs_fetching_one_commit_at_once_both_succeed(tmp_path, hub, checkpoint):
+    """A `doit` beside a `doit verify`, or two clones, on one Hugging Face cache: both fetch the same
+    commit at the same moment (real client, loopback Hub), both succeed with the same files -- into
+    an empty cache, where they race for every download, and into a full one, where they race to
+    link every snapshot entry."""
+    import subprocess
+    import time
+
+    hub.seed("acme/shared-tiny", files_of(checkpoint))
+    # Each process gets ready (imports, the commit resolved), says so, then waits for the same go.
+    script = (
+        "import sys, pathlib, time\n"
+        "from compiler import hub, toolchain\n"
+        "commit = hub.resolve('acme/shared-tiny', 'main')\n"
+        "go = pathlib.Path(sys.argv[2])\n"
+        "pathlib.Path(sys.argv[1] + '.ready').touch()\n"
+        "while not go.exists():\n"
+        "    time.sleep(0.0005)\n"
+        "hub.fetch('acme/shared-tiny', commit, 'main', None, pathlib.Path(sys.argv[1]), lambda m: None,\n"
+        "          toolchain.sha256_file, 'x')\n")
+    root = Path(__file__).resolve().parent.parent
+    served = files_of(checkpoint)
+    env = dict(os.environ, **hub_env(hub, tmp_path / "hf"))
+    for round_ in range(2):  # into the empty cache, then into the full one
+        go = tmp_path / f"go{round_}"
+        dests = [tmp_path / f"round{round_}" / name for name in ("build-a", "build-b")]
+        dests[0].parent.mkdir()
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(d), str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, env=env, cwd=root) for d in dests]
+        deadline = time.monotonic() + 120
+        while not all(Path(f"{d}.ready").exists() for d in dests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        names = sorted(p.name for p in dests[0].iterdir())
+        assert names == sorted(p.name for p in dests[1].iterdir()) and "config.json" in names
+        for name in names:
+            assert (dests[0] / name).read_bytes() == (dests[1] / name).read_bytes() == served[name]

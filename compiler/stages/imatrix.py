@@ -14,7 +14,7 @@ from ..toolchain import tool
 
 def run(step, out, inputs, log, ctx):
     p = step.params
-    corpus = project_file(p["corpus"])
+    corpus = project_file(step.runtime["corpus"])  # where this alloy names it (not in the key)
     model = inputs["model"].output()
     cmd = [tool("llama-imatrix"), "-m", model, "-f", corpus.name, "-o", out.path("imatrix.gguf"),
            "-c", str(p["ctx"]), "--chunks", str(p["chunks"]), "-t", str(os.cpu_count() or 2), "--no-ppl"]

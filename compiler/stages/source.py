@@ -2,6 +2,7 @@
 revision with allow patterns, or read from a local folder (hashed in place, not copied)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import ForgeError, SourceUnreachable
@@ -69,16 +70,24 @@ def checkpoint_dir(entry) -> Path:
 
 
 def local_identity(alloy_path: Path, local: str) -> dict:
-    """Content hashes of a local checkpoint's files (stat-cached): the local source's identity."""
+    """Content hashes of a local checkpoint's files (stat-cached): the local source's identity.
+    Hidden entries are not the checkpoint's: a `git clone` of a Hub repo carries .git/ (its LFS
+    objects another copy of every weight: hashing them doubles the read at 55 GB, and a `git fetch`
+    would re-key the source) and .gitattributes, huggingface_hub leaves .cache/; the converter reads
+    none of them."""
     folder = (Path(alloy_path).parent / local).resolve()
     if not folder.is_dir():
         raise ForgeError("local source folder not found", where=f"{alloy_path} $.source.localPath",
                          found=str(folder))
     cache = stat_cache()
     files = {}
-    for f in sorted(folder.rglob("*")):
-        if f.is_file() and ".cache" not in f.relative_to(folder).parts:
-            files[str(f.relative_to(folder))] = cache.sha256(f)
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # not even walked
+        for name in names:
+            f = Path(top) / name
+            if not name.startswith(".") and f.is_file():
+                files[f.relative_to(folder).as_posix()] = cache.sha256(f)
+    files = dict(sorted(files.items()))
     if "config.json" not in files:
         raise ForgeError("local source has no config.json", where=f"{alloy_path} $.source.localPath",
                          found=sorted(files)[:10], allowed="a Hugging Face checkpoint folder")
