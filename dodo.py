@@ -14,6 +14,7 @@ import sys
 
 from doit import doit_cmd
 
+from compiler import preflight
 from compiler.errors import ForgeError
 from compiler.graph import compile_graph
 from compiler.paths import build_dir
@@ -28,6 +29,8 @@ TASK_OPTIONS = ("only", "keep", "rebuilt", "push", "lock")
 
 try:
     PLAN = compile_graph({k: v for k, v in CLI_VARS.items() if k not in TASK_OPTIONS})
+    if preflight.wanted_by(sys.argv[1:]):
+        preflight.check(PLAN, sys.argv[1:], log=lambda m: print(m, file=sys.stderr))
 except ForgeError as e:
     print(f"forge: refused, nothing was built or deleted.\n{e}", file=sys.stderr)
     sys.exit(2)
