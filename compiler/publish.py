@@ -109,18 +109,20 @@ def _variant_sections(c: Checked, multi: bool) -> list[str]:
                      f"(<= {limit('p999_kld', '.4g')}), top-1 agreement {m['top1_agreement']:.4f} "
                      f"(>= {limit('top1_agreement', '.4f')}), perplexity ratio {m['ppl_ratio']} | "
                      f"{'pass' if kld['passed'] else 'FAIL'} |")
+    def verdict(entry: dict, limit: str) -> str:
+        """A gated check's verdict and its limit; a check only reported says so (no verdict)."""
+        if not entry["gated"]:
+            return "reported, not gated (random weights)"
+        return f"{'pass' if entry['passed'] else 'FAIL'} (>= {entry['metrics'][limit]})"
+
     if "vision-suite" in bench:
         vs = bench["vision-suite"]
-        verdict = ("pass" if vs["passed"] else "FAIL") + f" (>= {vs['metrics']['min_score']})" if vs["gated"] \
-            else "reported, not gated (random weights)"
         lines.append(f"| vision suite (generated images) | score {vs['metrics']['score']:.2f} over {vs['metrics']['items']} "
-                     f"items | {verdict} |")
+                     f"items | {verdict(vs, 'min_score')} |")
     if "projector-agreement" in bench:
         pa = bench["projector-agreement"]
-        verdict = ("pass" if pa["passed"] else "FAIL") + f" (>= {pa['metrics']['min_agreement']})" if pa["gated"] \
-            else "reported, not gated (random weights)"
         lines.append(f"| shipped projector answers as its F32 conversion | {pa['metrics']['agreement']:.2f} of "
-                     f"{pa['metrics']['items']} items | {verdict} |")
+                     f"{pa['metrics']['items']} items | {verdict(pa, 'min_agreement')} |")
     if "personas" in bench:
         p = bench["personas"]["metrics"]
         lines.append(f"| {p['n_seq_max']} personas in one context | isolated {p['isolated_passed']}/{p['isolated_total']}, "

@@ -237,7 +237,9 @@ def test_each_tool_step_records_its_seconds_and_its_tools_peak_memory(demo_works
     peak resident memory of the tool it ran (not the forge's own, larger, process)."""
     store = demo_workspace.build / "store"
     for kind in ("convert", "mmproj", "imatrix", "quantize", "kld-base", "gate"):
-        m = json.loads(next((store / kind).glob("*/manifest.json")).read_text())
+        # The entry of the kind that took longest (a Q8_0 variant's gate reuses the yardstick's
+        # figures and takes no measurable time: it runs no tool).
+        m = max((json.loads(p.read_text()) for p in (store / kind).glob("*/manifest.json")), key=lambda m: m["seconds"])
         assert m["seconds"] > 0, kind
         assert 10 < m["peak_rss_mib"] < 8000, (kind, m.get("peak_rss_mib"))
     # llama-quantize of a 150 MB BF16 model does not take the ~1 GB the forge process holds.
