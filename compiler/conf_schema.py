@@ -226,6 +226,13 @@ class Smoke:
 
 
 @dataclass
+class Draft:
+    prompt: str = bounded(pattern=r".*\S.*", why="the draft is decoded through from a prompt")
+    n_predict: int = bounded(ge=4, why="tokens enough for the draft to propose some")
+    draft_max: int = bounded(ge=1, why="tokens the draft proposes per step; 0 would draft nothing")
+
+
+@dataclass
 class Registry:
     include_synthetic: bool = MISSING
 
@@ -242,6 +249,7 @@ class ForgeConfig:
     backend: Backend = MISSING
     sensory: Sensory = MISSING
     convert: Convert = MISSING
+    draft: Draft = MISSING
     source: Source = MISSING
     weights: Weights = MISSING
     imatrix: Imatrix = MISSING

@@ -211,3 +211,11 @@ def side_by_side(text: dict, vision: dict | None, rt: dict, measured: dict) -> l
         err = None if not meas else round(100.0 * (est - meas) / meas, 2)
         out.append({"term": name, "estimate_bytes": int(est), "measured_bytes": meas, "error_pct": err})
     return out
+
+
+def draft_term(draft_bytes: int, gpu: bool) -> dict:
+    """convert.mtp=draft: the MTP head ships as a speculative-draft model loaded beside the text model;
+    its weights (the head with the token embedding and output head it carries) count where the
+    model's do. Its own KV cache and compute are small beside them and not estimated."""
+    return {"id": "mtp_draft", "term": "multi-token-prediction draft weights (convert.mtp=draft)",
+            "where": "gpu" if gpu else "host", "bytes": draft_bytes}

@@ -25,7 +25,7 @@ STAGES = {
     "imatrix": "imatrix",
     "kld-base": "kld", "kld-q8": "kld", "gate": "gate",
     "image-fit": "image_fit", "envelope": "envelope",
-    "smoke": "smoke",
+    "smoke": "smoke", "draft-run": "draft_run",
     "receipt": "receipt",
 }
 

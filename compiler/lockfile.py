@@ -149,6 +149,8 @@ def entry_for(plan, variant) -> dict:
     envelope = json.loads(Entry("envelope", variant.steps["envelope"].key).file("envelope.json").read_text())
     smoke = (json.loads(Entry("smoke", variant.steps["smoke"].key).file("smoke.json").read_text())
              if "smoke" in variant.steps else None)
+    draft = (json.loads(Entry("draft-run", variant.steps["draft-run"].key).file("draft.json").read_text())
+             if "draft-run" in variant.steps else None)
     if "localFiles" in src:
         files = [{"filename": k, "sha256": v, "size": os.path.getsize(os.path.join(src["path"], k))}
                  for k, v in sorted(src["localFiles"].items())]
@@ -179,6 +181,10 @@ def entry_for(plan, variant) -> dict:
         "parameters": parameters(variant),
         "envelope": envelope_summary(envelope, variant.steps["envelope"].params["config"]),
         "verification": verification(variant.config["backend"]["name"], smoke),
+        **({} if draft is None else {"draft": {
+            "backend": draft["backend"], "drafted": draft["stats"]["n_drafted"], "accepted": draft["stats"]["n_accept"],
+            "acceptance": round(draft["acceptance"], 4), "same_as_plain": draft["same_as_plain"],
+            "same_as_plain_gated": draft["same_as_plain_gated"]}}),
         "smoke": None if smoke is None else {
             "passed": bool(smoke["passed"]), "vision_score": smoke["vision"]["score"],
             "vision_gated": bool(smoke["vision"]["gated"]), "vision_items": len(smoke["vision"]["items"]),

@@ -24,6 +24,8 @@ PEAK = {
     "quantize": (1.5, 256), "mmproj-quantize": (1.5, 256),
     "imatrix": (1.0, 1024), "kld-base": (1.0, 1536), "kld-q8": (1.0, 1536), "gate": (1.0, 1536),
     "image-fit": None, "envelope": None, "smoke": None,
+    # text and draft loaded twice over (speculative, then alone): their bytes and a context each
+    "draft-run": (2.0, 512),
     "receipt": (0.0, 64),
 }
 BUDGET_SHARE = 0.85  # of the memory available when the run started: the rest for everything else

@@ -188,6 +188,7 @@ STAGE_CODE = {
     "envelope": ["stages/envelope.py", "envelope.py", "measure.py", "placement.py"],
     "smoke": ["stages/smoke.py", "smoke_run.py", "vision_suite.py", "fixture_data.py", "preservation.py",
               "placement.py"],
+    "draft-run": ["stages/draft_run.py"],
     "receipt": ["stages/receipt.py"],
 }
 
@@ -198,7 +199,8 @@ STAGE_CODE = {
 FINGERPRINT_OF = {"synthetic": "converter", "convert": "converter", "mmproj": "converter", "mtp-draft": "converter",
                   "validate": "converter",
                   "quantize": "build", "mmproj-quantize": "build", "imatrix": "build", "kld-base": "build",
-                  "kld-q8": "build", "gate": "build", "image-fit": "full", "envelope": "full", "smoke": "full", "receipt": "full"}
+                  "kld-q8": "build", "gate": "build", "image-fit": "full", "envelope": "full", "smoke": "full", "draft-run": "full",
+                  "receipt": "full"}
 
 
 def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprints: dict, source_ids: dict,
@@ -406,6 +408,17 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                                        [("text", quantize), ("mmproj", v.steps["projector"]), ("source", source),
                                         ("reference_mmproj", reference_mmproj)],
                                        toolchain, f"smoke test of {vid}: text, vision, {t['n_seq_max']} personas")
+            if "draft" in v.steps:
+                # The draft loaded beside this variant's text GGUF and decoded through, as the product
+                # serves it, before anything receipts it (stages/draft_run.py).
+                d = cfg["draft"]
+                v.steps["draft-run"] = add(
+                    "draft-run", vid, "draft-run",
+                    {"prompt": d["prompt"], "n_predict": d["n_predict"], "draft_max": d["draft_max"],
+                     "n_ctx": 512, "gpu": cfg["smoke"].get("gpu", "auto"),
+                     "backend": cfg["backend"]["name"], "sees": kind != "synthetic" or "train" in sparams},
+                    [("text", quantize), ("draft", v.steps["draft"])], toolchain,
+                    f"decode {vid} with its MTP draft (speculative, greedy) against its own decode")
             # The receipt records names, not the whole configuration. Every gate stands before it:
             # the quality gate, the smoke and the memory envelope (a variant over its tier's budget
             # gets no receipt, so no lock entry, links, registry entry or upload).
@@ -415,7 +428,7 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                        **({"draft": v.draft_filename} if "draft" in v.steps else {})}
             rinputs = [("text", quantize), ("gate", gate), ("envelope", v.steps["envelope"])] + (
                 [("mmproj", v.steps["projector"]), ("smoke", v.steps["smoke"])] if "projector" in v.steps else []) + (
-                [("draft", v.steps["draft"])] if "draft" in v.steps else [])
+                [("draft", v.steps["draft"]), ("draft_run", v.steps["draft-run"])] if "draft" in v.steps else [])
             v.steps["receipt"] = add("receipt", vid, "receipt", rparams, rinputs + [("source", source)], toolchain,
                                      f"write {vid}'s receipt and link its files")
             variants.append(v)

@@ -54,6 +54,7 @@ class Source:
     how: str
     quant_bytes: dict | None = None   # llama type -> exact text GGUF bytes (plan mode), where known
     mmproj_f16_bytes: int | None = None
+    draft_bf16_bytes: int | None = None
 
 
 def _params_from_headers(folder: Path) -> Source:
@@ -96,7 +97,8 @@ def _official(base_model: str) -> Source | None:
     # The MTP head: about one decoder layer of the text model.
     mtp = text // max(tc.get("num_hidden_layers", 1), 1) * tc.get("mtp_num_hidden_layers", 0)
     return Source(text, vision, mtp, 2 * (text + vision + mtp), tc.get("vocab_size", QWEN35_VOCAB),
-                  f"plan mode's figures for {base_model} (docs/fit-matrix.json)", quant, rows[0]["mmproj_file_bytes"])
+                  f"plan mode's figures for {base_model} (docs/fit-matrix.json)", quant, rows[0]["mmproj_file_bytes"],
+                  rows[0].get("mtp_draft_file_bytes"))
 
 
 def _locked(alloy_name: str) -> Source | None:
@@ -149,7 +151,12 @@ def step_bytes(step, src: Source, variant) -> tuple[int, str]:
         f16 = src.mmproj_f16_bytes or 2 * src.vision
         return (2 * f16 if p["outtype"] == "f32" else f16), src.how
     if kind == "mtp-draft":
-        return 2 * src.mtp + 48 * src.vocab, src.how
+        # The head plus the token embedding and output head it reads and writes through (at 27B
+        # 3.4 GB, most of it the embedding): plan mode's exact figure, else the BF16 text reference
+        # bounds it (at the conversion type, the draft holds less than the whole model).
+        if src.draft_bf16_bytes and p["outtype"] == "bf16":
+            return src.draft_bf16_bytes, src.how
+        return bf16_text + 2 * src.mtp, "at most the BF16 reference and the head"
     if kind == "mmproj-quantize":
         return src.mmproj_f16_bytes or 2 * src.vision, "at most the F16 projector"
     if kind == "quantize":

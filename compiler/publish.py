@@ -196,6 +196,15 @@ def card(items: list[Checked], repo: str) -> str:
         "left out of the text model (conf convert.mtp=drop)")
     lines += ["", f"Multi-token-prediction head of the checkpoint, if it has one: {mtp}."]
     for c in items:
+        d = c.lock_entry.get("draft")
+        if d:
+            # What was checked of the draft, where: never more than the decode the forge ran.
+            lines.append(
+                f"- with {c.variant.label}: loaded beside it and decoded through (llama.cpp `--spec-type draft-mtp`, "
+                f"on {d['backend']}): {d['drafted']} tokens drafted, {d['accepted']} accepted "
+                f"({d['acceptance']:.0%}); text {'equal to' if d['same_as_plain'] else 'different from'} the "
+                f"model's own greedy decode ({'gated' if d['same_as_plain_gated'] else 'reported, not gated: random weights'}).")
+    for c in items:
         lines += _variant_sections(c, multi)
     rt = first.envelope["runtime"]
     n_ctx = rt["n_ctx"] // rt["n_seq_max"]

@@ -59,7 +59,9 @@ def sparse_checkpoint(shape: dict, out: Path) -> Path:
         model = Qwen3_5ForConditionalGeneration(config)
     tied = bool(config.tie_word_embeddings)
     header, offset = {}, 0
-    for name, t in model.state_dict().items():
+    tensors = dict(model.state_dict())
+    tensors.update({f"mtp.{name}": t for name, t in _mtp_head_on_meta(config).state_dict().items()})
+    for name, t in tensors.items():
         if tied and name == "lm_head.weight":
             continue  # tied to the embedding: save_pretrained leaves it out too
         n = 2 * t.numel()  # bf16
@@ -78,11 +80,40 @@ def sparse_checkpoint(shape: dict, out: Path) -> Path:
     return out
 
 
-def sparse_reference(checkpoint: Path, out: Path, mmproj: bool = False) -> Path:
-    """The reference GGUF (BF16 text model, or F16 projector) as header plus sparse data."""
+def _mtp_head_on_meta(config):
+    """The checkpoint's multi-token-prediction head (`mtp.*`, as transformers leaves it out of the
+    model) as shapes only: synthetic.build_mtp's layout -- fc [hidden, 2*hidden], three norms, and
+    mtp_num_hidden_layers full-attention decoder layers -- with no weight allocated. None: no head."""
+    import copy
+
+    import torch
+    from torch import nn
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer, Qwen3_5RMSNorm
+
+    text = config.text_config
+    n = int(getattr(text, "mtp_num_hidden_layers", 0) or 0)
+    head = nn.Module()
+    if not n:
+        return head
+    layer_cfg = copy.deepcopy(text)
+    layer_cfg.layer_types = ["full_attention"] * n
+    hidden, eps = text.hidden_size, text.rms_norm_eps
+    with torch.device("meta"):
+        head.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        head.pre_fc_norm_embedding = Qwen3_5RMSNorm(hidden, eps=eps)
+        head.pre_fc_norm_hidden = Qwen3_5RMSNorm(hidden, eps=eps)
+        head.layers = nn.ModuleList(Qwen3_5DecoderLayer(layer_cfg, i) for i in range(n))
+        head.norm = Qwen3_5RMSNorm(hidden, eps=eps)
+    return head
+
+
+def sparse_reference(checkpoint: Path, out: Path, mmproj: bool = False, draft: bool = False) -> Path:
+    """The reference GGUF (BF16 text model, F16 projector, or with `draft` the BF16 MTP draft that
+    convert.mtp=draft ships) as header plus sparse data."""
     cmd = [sys.executable, "-c", _HEADER_ONLY, str(converter()), str(checkpoint), "--outfile", str(out),
            "--model-name", checkpoint.name]
-    cmd += ["--mmproj", "--outtype", "f16"] if mmproj else ["--outtype", "bf16", "--no-mtp"]
+    cmd += (["--mmproj", "--outtype", "f16"] if mmproj else ["--mtp", "--outtype", "bf16"] if draft
+            else ["--outtype", "bf16", "--no-mtp"])
     env = dict(os.environ, NO_LOCAL_GGUF="1")  # the venv's gguf-py (from the same archive) gets the patch
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=VENDOR_DIR)
     if proc.returncode != 0 or not out.is_file():

@@ -47,12 +47,15 @@ GGML_FLAGS_X86_64 = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-D
 GGML_FLAGS_X86_64_BASELINE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=OFF", "-DGGML_AVX2=OFF", "-DGGML_FMA=OFF",
                               "-DGGML_F16C=OFF", "-DGGML_BMI2=OFF"]
 GGML_FLAGS_OTHER = ["-DGGML_NATIVE=OFF"]
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-mtmd-cli")
+# llama-speculative-simple is an example, not a tool: the smallest program that loads a text GGUF with
+# an MTP draft GGUF the way the product's llama-server does (--spec-type draft-mtp --spec-draft-model,
+# the same common/speculative.cpp) and decodes greedily through it; stages/draft_check.py runs it.
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-mtmd-cli", "llama-speculative-simple")
 # The shared libraries the Python binding loads (llama_cpp/_ggml.py, llama_cpp.py, mtmd_cpp.py). The
 # tools link against the same files: one compile gives both consumers the same bytes of ggml.
 LIBS = ("llama", "ggml", "mtmd")
 BUILD_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
-               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=ON",
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON"]
 
 

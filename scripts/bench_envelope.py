@@ -73,7 +73,7 @@ def main() -> int:
     work = build_dir() / "plan"
     rows = []
     for shape in args.shapes.split(","):
-        text_ref, mmproj_ref = references(shape, work)
+        text_ref, mmproj_ref, _ = references(shape, work)
         qcfg = config.compose("m4", args.quant, [])["quant"]
         dry = sizing.dry_run(text_ref, qcfg["llama_type"])
         qpath = sparse_quantized(text_ref, dry, work / shape / f"text-{qcfg['label']}.sparse.gguf")

@@ -152,7 +152,7 @@ def run_sparse(shape, backend, env, work, log) -> dict:
     from bench_envelope import sparse_quantized
 
     t0 = time.monotonic()
-    text_ref, mmproj_ref = references(shape, work / "plan")  # shared by both backends
+    text_ref, mmproj_ref, _ = references(shape, work / "plan")  # shared by both backends
     dry = sizing.dry_run(text_ref, "Q4_K_M")
     qpath = work / "plan" / shape / "text-Q4_K_M.sparse.gguf"
     if not qpath.is_file():
@@ -213,7 +213,7 @@ def prepare(shapes: list[str], env: dict, work: Path, log) -> dict:
         if shape in out["errors"]:
             continue
         try:
-            text_ref, _ = references(shape, work / "plan")
+            text_ref, _, _ = references(shape, work / "plan")
             qpath = work / "plan" / shape / "text-Q4_K_M.sparse.gguf"
             if not qpath.is_file():
                 sparse_quantized(text_ref, sizing.dry_run(text_ref, "Q4_K_M"), qpath)

@@ -26,12 +26,8 @@ def run(step, out, inputs, log, ctx):
     terms = env.estimate(text, vision, rt, gpu)
     files = text_path.stat().st_size + (mmproj_path.stat().st_size if mmproj_path else 0)
     if "draft" in inputs:
-        # convert.mtp=draft: the MTP head ships as a speculative-draft model loaded beside the text
-        # model; its weights count where the model's do (its own KV and compute are small beside them
-        # and not measured here).
         draft = inputs["draft"].output().stat().st_size
-        terms.append({"id": "mtp_draft", "term": "multi-token-prediction draft weights (convert.mtp=draft)",
-                      "where": "gpu" if gpu else "host", "bytes": draft})
+        terms.append(env.draft_term(draft, gpu))
         files += draft
     verdict = env.check(terms, cfg, files)
     title = (f"memory envelope of {ctx['variant'].id} on tier {cfg['tier']['name']} ({cfg['backend']['name']}): "

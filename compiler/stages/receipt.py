@@ -104,6 +104,23 @@ def smoke_benchmarks(entry) -> list[dict]:
     ]
 
 
+def draft_benchmark(entry) -> list[dict]:
+    """The MTP draft's decode beside the text model (stages/draft_run.py): gated on loading and
+    drafting; its acceptance a figure; equality with the plain decode gated where the source sees."""
+    if entry is None:
+        return []
+    r = json.loads(entry.file("draft.json").read_text())
+    s = r["stats"]
+    metrics = {"drafted": s["n_drafted"], "accepted": s["n_accept"], "decoded": s["n_predict"],
+               "draftMax": s["n_draft_max"], "sameAsPlainDecode": int(r["same_as_plain"])}
+    if r["acceptance"] is not None:
+        metrics["acceptance"] = round(r["acceptance"], 4)
+    return [{"name": "mtp-draft-decode", "backend": r["backend"], "metrics": metrics,
+             "detail": {"prompt": r["prompt"], "sameAsPlainGated": r["same_as_plain_gated"],
+                        "tool": "llama-speculative-simple --spec-type draft-mtp"},
+             "gated": True, "passed": True}]
+
+
 def run(step, out, inputs, log, ctx):
     variant = ctx["variant"]
     files = file_hashes(variant, inputs)
@@ -128,7 +145,8 @@ def run(step, out, inputs, log, ctx):
             "attestedAt": attested_at,
             "fileHashes": files,
         },
-        "benchmarks": [benchmark(inputs["gate"])] + smoke_benchmarks(inputs.get("smoke")),
+        "benchmarks": [benchmark(inputs["gate"])] + smoke_benchmarks(inputs.get("smoke")) + draft_benchmark(
+            inputs.get("draft_run")),
         "forge": {
             "variant": variant.id,
             "tier": variant.config["tier"]["name"],
