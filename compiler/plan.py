@@ -140,6 +140,35 @@ def source_params(alloy: Alloy, source_ids: dict, drawing: dict | None = None) -
     return "hub", params, False, {"revision": src["revision"]}
 
 
+# config.json values an official Qwen3.5 checkpoint publishes (shapes/<size>.json) that the alloy's
+# baseModel therefore promises: a wrong repo, revision or localPath is refused at validate, naming the
+# value, before anything is converted.
+PROMISED = ("model_type", "text_config.model_type", "text_config.hidden_size", "text_config.num_hidden_layers",
+            "text_config.vocab_size", "text_config.num_attention_heads", "text_config.num_key_value_heads",
+            "text_config.intermediate_size", "text_config.mtp_num_hidden_layers", "vision_config.depth",
+            "vision_config.hidden_size", "vision_config.out_hidden_size", "vision_config.patch_size")
+
+
+def promised_config(alloy: Alloy) -> dict:
+    """What the alloy says the checkpoint's config.json holds: its architecture (forge-alloy's
+    source.architecture is the config's model_type) and, for an official Qwen3.5 checkpoint, the
+    dimensions of its published config. Dotted key -> value."""
+    from .paths import ROOT
+
+    out = {"model_type": alloy.source["architecture"]}
+    m = re.fullmatch(r"Qwen/Qwen3\.5-([0-9.]+B)", alloy.source["baseModel"])
+    shape = ROOT / "shapes" / f"{m.group(1).lower()}.json" if m else None
+    if shape and shape.is_file():
+        published = json.loads(shape.read_text())
+        for key in PROMISED:
+            value = published
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                out[key] = value
+    return out
+
+
 def variant_id(alloy: Alloy, quant: str, overrides: list[str]) -> str:
     """The alloy's name for its own first quant and no overrides; otherwise the name plus what
     differs (`demo@q8_0`, `demo@q8_0,tier.n_seq_max-2`), so a command-line variant never lands on
@@ -285,7 +314,9 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
             # Weights and config checked before anything is converted: every step that reads the
             # source waits for it (a NaN checkpoint costs no conversion, projector, imatrix or
             # reference logits), but no key holds the check's (a better check must not re-convert 55 GB).
-            validate = add("validate", src_label, "validate", {"max_abs": cfg["weights"]["max_abs"]},
+            validate = add("validate", src_label, "validate", {"max_abs": cfg["weights"]["max_abs"],
+                                                              "base_model": alloy.source["baseModel"],
+                                                              "promised": promised_config(alloy)},
                            [("source", source)], toolchain, f"check {model_name}'s config and weights before converting")
             draft = None
             if cfg["convert"]["mtp"] == "draft":

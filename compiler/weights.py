@@ -66,6 +66,26 @@ OTHER_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F
 
 # --- config.json -------------------------------------------------------------------------------
 
+def check_promised(folder: Path, promised: dict, base_model: str = "the alloy") -> None:
+    """Refuse a config.json that is not the checkpoint the alloy names: each promised value
+    (plan.promised_config: dotted key -> value) as config.json holds it."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    wrong = []
+    for key, want in promised.items():
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value != want:
+            wrong.append((key, value, want))
+    if wrong:
+        key, value, want = wrong[0]
+        raise ForgeError(f"config.json is not the checkpoint {base_model} names: {len(wrong)} value(s) differ "
+                         f"({', '.join(k for k, _, _ in wrong)})", where=f"{path} $.{key}",
+                         found=json.dumps(value), allowed=json.dumps(want),
+                         hint="check the alloy's source (baseModel, revision, localPath) and architecture")
+
+
 def check_config(folder: Path) -> dict:
     """Refuse a config.json forge cannot convert whole; return what the later stages need to know."""
     path = Path(folder) / "config.json"

@@ -211,8 +211,8 @@ def _drop_tensor(folder: Path, tensor: str) -> None:
 
 
 def test_failures_each_named_and_the_others_build(tmp_path, hub, checkpoint):
-    """401, 404, a checksum mismatch, a NaN weight, a missing vision tensor, no chat template and a
-    template whose turns are not ChatML: each its own message naming the alloy (and the tensor or
+    """401, 404, a checksum mismatch, a NaN weight, a missing vision tensor, no chat template, a
+    template whose turns are not ChatML and a checkpoint that is not the one its alloy names: each its own message naming the alloy (and the tensor or
     file), nothing of theirs converted, quantized or receipted -- while a local checkpoint named
     relative to its alloy builds, with doit run from another folder, and gets its registry entry."""
     ws = workspace(tmp_path / "ws")
@@ -237,6 +237,10 @@ def test_failures_each_named_and_the_others_build(tmp_path, hub, checkpoint):
         write_alloy(ws, f"local-{name}", {"baseModel": f"local/Qwen3.5-Tiny-{name}", "revision": "local",
                                           "localPath": f"../checkpoints/{name}"})
 
+    # A checkpoint that is not the one the alloy names: the tiny one under an official name.
+    write_alloy(ws, "local-mislabelled", {"baseModel": "Qwen/Qwen3.5-0.8B", "revision": "local",
+                                          "localPath": "../checkpoints/good"})
+
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     import subprocess
@@ -254,13 +258,15 @@ def test_failures_each_named_and_the_others_build(tmp_path, hub, checkpoint):
     assert "alloy local-holed" in out and "model.visual.blocks.1.mlp.linear_fc1.weight" in out
     assert "alloy local-untemplated" in out and "the checkpoint has no chat template" in out
     assert "alloy local-llama2-chat" in out and "its turns are not ChatML as the product builds them" in out
+    assert "alloy local-mislabelled" in out and "config.json is not the checkpoint Qwen/Qwen3.5-0.8B names" in out
+    assert "text_config.hidden_size" in out, out[-3000:]
     ran = set(l.split()[-1] for l in proc.stdout.splitlines() if l.startswith(".  "))
-    for bad in ("needs-login", "no-such-repo", "bad-bytes", *(f"local-{name}" for name in refused)):
+    for bad in ("needs-login", "no-such-repo", "bad-bytes", "local-mislabelled", *(f"local-{name}" for name in refused)):
         assert summary[bad].startswith("failed"), (bad, summary[bad])
         assert f"quantize:{bad}" not in ran
         assert not (ws.build / "variants" / bad).exists()
     # A refused source costs nothing after the check: no conversion, projector, imatrix or reference logits.
-    for label in (f"qwen3.5-tiny-{name}" for name in refused):
+    for label in (*(f"qwen3.5-tiny-{name}" for name in refused), "qwen3.5-0.8b"):
         assert f"validate:{label}" in ran
         assert not {t for t in ran if t.split(":", 1)[1].startswith(label) and not t.startswith(("source:", "validate:"))}, ran
     lock = ws.lock()["variants"]

@@ -25,6 +25,9 @@ def _check(step, out, inputs, log):
     folder = checkpoint_dir(inputs["source"])
     config = weights.check_config(folder)
     log(f"config.json: {config}")
+    promised = step.params["promised"]
+    weights.check_promised(folder, promised, step.params["base_model"])
+    log(f"config.json as the alloy promises: {', '.join(f'{k}={v}' for k, v in promised.items())}")
     tokenizer = weights.check_tokenizer(folder)
     # Its turns must be the product's ChatML (the registry's own check, here before any conversion).
     from ..registry import generation_prompt_extra
