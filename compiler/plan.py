@@ -447,7 +447,11 @@ def plan(alloys: list[Alloy], selectors: dict, overrides: list[str], fingerprint
                     "draft-run", vid, "draft-run",
                     {"prompt": d["prompt"], "n_predict": d["n_predict"], "draft_max": d["draft_max"],
                      "n_ctx": 512, "gpu": cfg["smoke"].get("gpu", "auto"),
-                     "backend": cfg["backend"]["name"], "sees": kind != "synthetic" or "train" in sparams},
+                     "backend": cfg["backend"]["name"],
+                     # equality with the plain decode: gated as the smoke's alone-vs-together decode is
+                     # (a source that sees, unless smoke.gate_alone is off for random weights served
+                     # as a real source: their near-tied logits may order differently in a batch)
+                     "sees": (kind != "synthetic" or "train" in sparams) and bool(cfg["smoke"]["gate_alone"])},
                     [("text", quantize), ("draft", v.steps["draft"])], toolchain,
                     f"decode {vid} with its MTP draft (speculative, greedy) against its own decode")
             # The receipt records names, not the whole configuration. Every gate stands before it:

@@ -116,7 +116,8 @@ def run(step, out, inputs, log, ctx):
               "plain_tokens": alone["tokens"], "prompt": p["prompt"],
               # where it ran, not what the configuration names: a CPU build decodes on the CPU
               "backend": p["backend"] if alone["on_gpu"] else "cpu",
-              "checkpoints": "speculative decoding will use checkpoints" in stderr}
+              # the target rolls a rejected draft back by restoring a saved state (recurrent layers)
+              "target_restores_state": "speculative decoding will use checkpoints" in stderr}
     problems = judge(report, p["sees"])
     log(f"draft: {stats.get('n_drafted')} tokens drafted, {stats.get('n_accept')} accepted "
         f"({'-' if accept is None else f'{accept:.1%}'}), {stats.get('n_predict')} decoded; text "
