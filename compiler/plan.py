@@ -154,6 +154,7 @@ def promised_config(alloy: Alloy) -> dict:
     source.architecture is the config's model_type) and, for an official Qwen3.5 checkpoint, the
     dimensions of its published config. Dotted key -> value."""
     from .paths import ROOT
+    from .weights import dotted
 
     out = {"model_type": alloy.source["architecture"]}
     m = re.fullmatch(r"Qwen/Qwen3\.5-([0-9.]+B)", alloy.source["baseModel"])
@@ -161,11 +162,8 @@ def promised_config(alloy: Alloy) -> dict:
     if shape and shape.is_file():
         published = json.loads(shape.read_text())
         for key in PROMISED:
-            value = published
-            for part in key.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
-            if value is not None:
-                out[key] = value
+            if dotted(published, key) is not None:
+                out[key] = dotted(published, key)
     return out
 
 

@@ -66,6 +66,14 @@ OTHER_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F
 
 # --- config.json -------------------------------------------------------------------------------
 
+def dotted(config: dict, key: str):
+    """config["a"]["b"] for key "a.b"; None where any part is missing."""
+    value = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def check_promised(folder: Path, promised: dict, base_model: str = "the alloy") -> None:
     """Refuse a config.json that is not the checkpoint the alloy names: each promised value
     (plan.promised_config: dotted key -> value) as config.json holds it."""
@@ -73,9 +81,7 @@ def check_promised(folder: Path, promised: dict, base_model: str = "the alloy") 
     config = json.loads(path.read_text(encoding="utf-8"))
     wrong = []
     for key, want in promised.items():
-        value = config
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+        value = dotted(config, key)
         if value != want:
             wrong.append((key, value, want))
     if wrong:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from ..errors import ForgeError
+from ..runlog import run_json
 from ..toolchain import tool
 from .kld import threads
 
@@ -72,14 +73,8 @@ def plain(text, p: dict, log) -> dict:
     """The same prompt decoded by the text model alone, one token at a time (a subprocess: a crash of
     the binding is a step failure with its output, not the build's)."""
     args = json.dumps({k: p[k] for k in ("prompt", "n_predict", "n_ctx", "gpu")} | {"threads": threads()})
-    proc = subprocess.run([sys.executable, "-m", "compiler.stages.draft_run", str(text), args],
-                          capture_output=True, text=True, errors="replace")
-    log.write(proc.stderr[-8000:])
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise ForgeError("the plain greedy decode of the text model crashed", where=str(text),
-                         found=proc.stderr[-1500:]) from None
+    return run_json(["compiler.stages.draft_run", text, args], log, "the plain greedy decode of the text model crashed",
+                    str(text))
 
 
 def judge(report: dict, sees: bool) -> list[str]:
