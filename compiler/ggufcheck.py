@@ -17,6 +17,7 @@ GGUF_MAGIC = b"GGUF"
 # GGUF metadata value types -> struct format for the scalar ones (gguf spec, GGUFValueType).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 class _Truncated(Exception):
@@ -57,11 +58,18 @@ class _Cursor:
                     raise _Truncated(self.pos)
                 self.pos += size
             elif etype == _STRING:
-                for _ in range(count):
-                    n = struct.unpack_from("<Q", self.buf, self.pos)[0] if self.pos + 8 <= len(self.buf) else None
-                    if n is None or self.pos + 8 + n > len(self.buf):
-                        raise _Truncated(self.pos)
-                    self.pos += 8 + n
+                # The tokenizer's 248k tokens and as many merges: every planning and lock step walks
+                # them, so the loop is kept to one unpack per string; a length that runs past the end
+                # shows as struct.error (the next length cannot be read) or in the check below.
+                pos, buf, length = self.pos, self.buf, _U64.unpack_from
+                try:
+                    for _ in range(count):
+                        pos += 8 + length(buf, pos)[0]
+                except struct.error:
+                    raise _Truncated(self.pos) from None
+                if pos > len(buf):
+                    raise _Truncated(self.pos)
+                self.pos = pos
             else:
                 for _ in range(count):
                     self.skip_value(etype)

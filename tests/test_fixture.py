@@ -16,6 +16,7 @@ import pytest
 
 from compiler.stages import smoke
 from conftest import ROOT, python_json
+from gguf_edit import set_uint32_array, zero_tensor
 
 pytestmark = pytest.mark.build
 
@@ -67,19 +68,15 @@ def test_the_demo_sees_at_its_reference_and_at_q4_k_m(demo_workspace, tmp_path):
 
 
 def test_a_zeroed_merger_tensor_fails_the_smoke_with_its_score(demo_workspace, tmp_path):
-    from gguf import GGUFReader
+    from compiler.ggufcheck import read_layout
 
     ws = demo_workspace
     broken = tmp_path / "mmproj-broken.gguf"
     shutil.copyfile(ws.variant("demo") / "mmproj-demo-F16.gguf", broken)
-    reader = GGUFReader(str(broken), "r+")
     # The merger's last linear layer (mm.2): every picture becomes the same (zero) embedding.
-    merger = [t for t in reader.tensors if t.name.startswith("mm.")]
-    assert merger, [t.name for t in reader.tensors]
-    target = next(t for t in merger if t.name.endswith(".weight") and t.name.startswith("mm.2"))
-    target.data[...] = 0
-    reader.data.flush()
-    del reader
+    names = [t["name"] for t in read_layout(broken)["tensors"]]
+    assert "mm.2.weight" in names, names
+    zero_tensor(broken, "mm.2.weight")
 
     params = smoke_params(ws)
     report = run_smoke(ws.variant("demo") / "demo-Q4_K_M.gguf", broken, params, tmp_path, reference_projector(ws))
@@ -104,8 +101,6 @@ def test_text_mrope_sections_unlike_the_checkpoints_fail_the_smoke_naming_them(d
     fixture's answers barely notice (measured: 1.00 -> 0.975 with [8, 0, 0, 0] or [0, 4, 4, 0]; its
     9-token pictures carry their layout in the tower's own position embedding), so the smoke checks
     the sections against the checkpoint's config.json by name, not by score."""
-    from gguf import GGUFReader
-
     from compiler import preservation
     from compiler.errors import ForgeError
 
@@ -115,12 +110,7 @@ def test_text_mrope_sections_unlike_the_checkpoints_fail_the_smoke_naming_them(d
     assert preservation.mrope_sections(shipped, source, where="smoke") == [3, 3, 2, 0]
     broken = tmp_path / "text-broken.gguf"
     shutil.copyfile(shipped, broken)
-    reader = GGUFReader(str(broken), "r+")
-    field = reader.fields["qwen35.rope.dimension_sections"]
-    for i, value in zip(field.data, (8, 0, 0, 0)):
-        field.parts[i][0] = value
-    reader.data.flush()
-    del reader
+    set_uint32_array(broken, "qwen35.rope.dimension_sections", [8, 0, 0, 0])
     with pytest.raises(ForgeError) as e:
         preservation.mrope_sections(broken, source, where="smoke:demo")
     text = str(e.value)

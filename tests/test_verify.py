@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
-import numpy as np
 import pytest
 
-from compiler import ggufdiff, sizing
+from compiler import ggufdiff
 from conftest import ROOT, TRAINED_SOURCE, assert_ok
+from gguf_edit import change_first_string, flip_tensor_bytes
 
 pytestmark = pytest.mark.build
 
@@ -86,27 +87,10 @@ def _ran(build) -> set:
     return {kinds[k.name] for k in (build / "store").iterdir() if k.name in kinds and any(k.iterdir())}
 
 
-def _rewrite_with_one_tensor_changed(src, dst, name):
-    from gguf import GGUFReader, GGUFWriter
-
-    reader = GGUFReader(str(src))
-    writer = GGUFWriter(str(dst), arch="qwen35")
-    sizing.copy_metadata(reader, writer)
-    for t in reader.tensors:
-        data = np.array(t.data)
-        if t.name == name:
-            data.view(np.uint8).reshape(-1)[64:72] ^= 0x5A
-        writer.add_tensor(t.name, data, raw_shape=list(data.shape), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def test_a_gguf_with_one_tensor_changed_is_reported_by_tensor_name(demo_workspace, tmp_path):
     original = demo_workspace.variant("demo") / "demo-Q4_K_M.gguf"
     changed = tmp_path / "demo-Q4_K_M.gguf"
-    _rewrite_with_one_tensor_changed(original, changed, "blk.2.ffn_up.weight")
+    flip_tensor_bytes(original, changed, "blk.2.ffn_up.weight")
     report = ggufdiff.compare(original, changed)
     assert not report["identical"] and report["metadata"] == []
     assert [t["tensor"] for t in report["tensors"]] == ["blk.2.ffn_up.weight"]
@@ -115,10 +99,14 @@ def test_a_gguf_with_one_tensor_changed_is_reported_by_tensor_name(demo_workspac
     assert row["max_abs_diff"] > 0
     text = "\n".join(ggufdiff.format_report(report))
     assert "blk.2.ffn_up.weight" in text and "1 of 55 tensors differ" in text
-    # A rewrite of the same tensors is identical, tokenizer arrays included.
-    same = tmp_path / "same.gguf"
-    _rewrite_with_one_tensor_changed(original, same, "no-such-tensor")
-    assert ggufdiff.compare(original, same)["identical"]
+    # The tokenizer arrays are compared too: one character of one token changed is named by its key.
+    retokenized = tmp_path / "retokenized.gguf"
+    shutil.copyfile(original, retokenized)
+    assert ggufdiff.compare(original, retokenized)["identical"]
+    change_first_string(retokenized, "tokenizer.ggml.tokens")
+    report = ggufdiff.compare(original, retokenized)
+    assert not report["identical"] and report["tensors"] == []
+    assert [m["key"] for m in report["metadata"]] == ["tokenizer.ggml.tokens"], report["metadata"]
 
 
 def test_a_flipped_byte_is_found_by_check_cache_and_rebuilt_by_the_next_doit(demo_workspace):
