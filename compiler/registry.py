@@ -70,10 +70,33 @@ PROBE = [{"role": "system", "content": "You are Ada, one of four personas."},
 
 def render_jinja(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
     """A chat template rendered by transformers' own renderer (its sandboxed Jinja2 with the loop
-    controls, filters and globals real checkpoints' templates use)."""
+    controls, filters and globals real checkpoints' templates use).
+
+    Remembered in the forge cache under the hash of everything the text depends on (the template,
+    the messages, the flag and the renderer's version): importing transformers costs about a
+    second, and every `doit` -- a no-op one too -- checks the registry, which renders each
+    variant's template."""
+    import hashlib
+    from importlib.metadata import version
+
+    from .paths import cache_dir
+
+    what = json.dumps([template, messages, add_generation_prompt, version("transformers")], sort_keys=True)
+    memo = cache_dir() / "rendered-templates" / f"{hashlib.sha256(what.encode()).hexdigest()}.json"
+    try:
+        return json.loads(memo.read_text())["text"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not rendered yet on this machine (or an unreadable memo): render it
     from transformers.utils.chat_template_utils import render_jinja_template
 
     (text,), _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=add_generation_prompt)
+    try:  # written whole or not at all; a cache that cannot be written only costs the next run a render
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"text": text}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass
     return text
 
 
