@@ -38,32 +38,24 @@ def _sha256_bytes(data: bytes) -> str:
 # them up per kind of step, so CI's log shows where the test budget goes beneath pytest's
 # per-test durations (a training, a smoke or a conversion repeated across tests).
 STEP_TIMES: list[tuple[str, str, float]] = []
-_DONE_IN = re.compile(r"^  (\S+?): done in ([0-9.]+) s$", re.M)
-
-
-def _lowest_priority() -> None:
-    """In the child, after setsid: nice 19, and where Linux groups a session's processes for the
-    scheduler (autogroup), that group's nice too -- otherwise the new session gets an equal share
-    against the tests' own, whatever its processes' nice values."""
-    os.nice(19)
-    try:
-        with open("/proc/self/autogroup", "w") as f:
-            f.write("19")
-    except OSError:
-        pass
+DONE_IN = re.compile(r"^  (\S+?): done in ([0-9.]+) s$", re.M)
 
 
 class Background:
-    """A slow command one test needs, started as the session starts (pytest_collection_finish) at
-    the lowest CPU priority: it runs on what the other tests leave of the cores, and its test waits
-    for what is left of it. Nothing it computes depends on its priority or on when it runs."""
+    """A slow command one test needs, started as the session starts (pytest_collection_finish), in a
+    session of its own (where Linux groups a session's processes for the scheduler, it and the
+    tests share the cores evenly). Both cores are busy throughout the tests, so CI's length is their
+    work plus whatever runs alone at the end: the longest chain starts first and runs at an even
+    share, so that little of it is left when its test, the last, waits for it. (At the lowest
+    priority it got almost nothing until the other tests were done, then ran ~300 s alone on ~1.3
+    of the 2 cores.) Nothing it computes depends on its priority or on when it runs."""
 
     def __init__(self, args: list[str], env: dict, cwd: Path, root: Path):
         self.root, self.log = root, root / "background.log"
         self.started = time.monotonic()
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                         preexec_fn=_lowest_priority, start_new_session=True)
+                                         start_new_session=True)
 
     def wait(self, timeout: int) -> subprocess.CompletedProcess:
         rc = self.proc.wait(timeout=max(1, timeout - (time.monotonic() - self.started)))
@@ -253,7 +245,7 @@ class Workspace:
         proc = subprocess.run(DOIT + list(args), capture_output=True, text=True, env=self.env(**env),
                               timeout=timeout, cwd=self.root)
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
-        STEP_TIMES.extend((test, task, float(secs)) for task, secs in _DONE_IN.findall(proc.stdout))
+        STEP_TIMES.extend((test, task, float(secs)) for task, secs in DONE_IN.findall(proc.stdout))
         stats = []
         if self.stats_file.exists():
             stats = [json.loads(line) for line in self.stats_file.read_text().splitlines() if line]
