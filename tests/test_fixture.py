@@ -173,7 +173,13 @@ def test_the_kernel_class_follows_the_cpu_and_the_setting(monkeypatch):
     assert kernels.pinned_env()["ATEN_CPU_CAPABILITY"] == "default" and "MKL_CBWR" not in kernels.pinned_env()
     monkeypatch.setattr(kernels, "machine", lambda: "x86_64")
     assert kernels.platform_class() == "x86_64-default"
-    assert kernels.pinned_env()["MKL_CBWR"] == "COMPATIBLE"
+    assert kernels.pinned_env()["MKL_CBWR"] == "SSE4_2"
+    # An x86-64 older than x86-64-v2 has no path of the class: refused, saying what it lacks.
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse2", "ssse3"}))
+    with pytest.raises(ForgeError, match="no SSE4.2"):
+        kernels.platform_class()
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset({"sse2", "sse4_1", "sse4_2", "avx"}))
+    assert kernels.platform_class() == "x86_64-default"
     monkeypatch.setenv("FORGE_TRAIN_KERNELS", "avx2")
     with pytest.raises(ForgeError, match="no AVX2"):
         kernels.platform_class()

@@ -31,7 +31,7 @@ def start_in_background(root: Path) -> Background | None:
     """The whole build (tests/platform_class_job.py): a rebuild from nothing with this class's kernels
     through `python -m compiler.verify` (whose exit status tells this outcome apart; `doit verify`
     says the same and fails with doit's 1), then the demo finished twice in the rebuild dir it kept.
-    The default kernels' training is the tests' longest step (~400 s here), so the job starts with
+    The default kernels' training is the tests' longest step (~250 s here), so the job starts with
     the session (conftest.Background)."""
     there, here = _classes()
     if there == here:
