@@ -35,9 +35,9 @@ python3 -c 'import sys,torch,transformers,numpy; print(sys.version.split()[0], "
 
 # -- source ---------------------------------------------------------------------------------------
 SRC=$WORK/llama.cpp   # outside the repo checkout: cmake/git-vars.cmake would otherwise stamp the repo's commit
-if [ ! -f "$SRC/.forge-archive-sha256" ]; then
-  mkdir -p "$SRC" && tar -xJf "$CARRY/llama.cpp-src.tar.xz" -C "$SRC" || exit 1
-fi
+# Every call: a RERUN's archive may carry paths the first lacked; files already there keep their
+# bytes and mtimes, so the GPU builds done on this machine stay up to date.
+mkdir -p "$SRC" && tar -xJf "$CARRY/llama.cpp-src.tar.xz" -C "$SRC" --skip-old-files || exit 1
 note "source: $(cat "$SRC/.forge-archive-sha256") unpacked at $(el)s"
 
 # -- python side: wheels + the binding's package ----------------------------------------------------

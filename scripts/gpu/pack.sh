@@ -40,12 +40,13 @@ git -C "$ROOT" check-ignore -q .gpu-carry/ \
   || { echo ".gpu-carry/ is not git-ignored here: it would travel (and count) with every device call" >&2; exit 1; }
 mkdir -p "$CARRY"
 
-# 1. trimmed source: drop models/ docs/ tests/ examples/ media/ .git, the web UI and server
+# 1. trimmed source: drop models/ docs/ tests/ media/ .git, the web UI and server (examples/ and pocs/
+#    stay: LLAMA_BUILD_EXAMPLES=ON, for llama-speculative-simple, adds both directories)
 #    (LLAMA_BUILD_SERVER=OFF never adds tools/server, tools/ui or tools/cli).
 echo "== source archive"
 ( cd "$SRC" && tar --exclude='__pycache__' --exclude='tools/ui' --exclude='tools/server' \
     -cf - .forge-archive-sha256 CMakeLists.txt LICENSE cmake ggml src include common vendor tools \
-          licenses app gguf-py conversion convert_hf_to_gguf.py ) | xz -T0 -6 > "$CARRY/llama.cpp-src.tar.xz"
+          licenses app examples pocs gguf-py conversion convert_hf_to_gguf.py ) | xz -T0 -6 > "$CARRY/llama.cpp-src.tar.xz"
 
 # 2. debs (no dpkg database needed: apt-get download with private list dirs)
 echo "== debs"
