@@ -41,21 +41,32 @@ STEP_TIMES: list[tuple[str, str, float]] = []
 DONE_IN = re.compile(r"^  (\S+?): done in ([0-9.]+) s$", re.M)
 
 
+def _lowest_priority() -> None:
+    """In the child, after setsid: nice 19, and where Linux groups a session's processes for the
+    scheduler (autogroup), that group's nice too -- otherwise the new session gets an equal share
+    against the tests' own, whatever its processes' nice values."""
+    os.nice(19)
+    try:
+        with open("/proc/self/autogroup", "w") as f:
+            f.write("19")
+    except OSError:
+        pass
+
+
 class Background:
-    """A slow command one test needs, started as the session starts (pytest_collection_finish), in a
-    session of its own (where Linux groups a session's processes for the scheduler, it and the
-    tests share the cores evenly). Both cores are busy throughout the tests, so CI's length is their
-    work plus whatever runs alone at the end: the longest chain starts first and runs at an even
-    share, so that little of it is left when its test, the last, waits for it. (At the lowest
-    priority it got almost nothing until the other tests were done, then ran ~300 s alone on ~1.3
-    of the 2 cores.) Nothing it computes depends on its priority or on when it runs."""
+    """A slow command one test needs, started as the session starts (pytest_collection_finish) at
+    the lowest CPU priority: it runs on what the other tests leave of the cores, and its test waits
+    for what is left of it. Nothing it computes depends on its priority or on when it runs. (At an
+    even share it was far slower, and so was everything beside it: torch's OpenMP threads and
+    llama.cpp's thread pool each spin at their barriers, and two 2-thread jobs on 2 cores spend
+    their slices waiting for each other -- a smoke that takes 5 s alone took over 45.)"""
 
     def __init__(self, args: list[str], env: dict, cwd: Path, root: Path):
         self.root, self.log = root, root / "background.log"
         self.started = time.monotonic()
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                         start_new_session=True)
+                                         preexec_fn=_lowest_priority, start_new_session=True)
 
     def wait(self, timeout: int) -> subprocess.CompletedProcess:
         rc = self.proc.wait(timeout=max(1, timeout - (time.monotonic() - self.started)))

@@ -32,7 +32,7 @@ def start_in_background(root: Path) -> Background | None:
     through `python -m compiler.verify` (whose exit status tells this outcome apart; `doit verify`
     says the same and fails with doit's 1), then the demo finished twice in the rebuild dir it kept.
     The default kernels' training is the tests' longest step (~250 s here), so the job starts with
-    the session (conftest.Background)."""
+    the session, at the lowest priority (conftest.Background)."""
     there, here = _classes()
     if there == here:
         return None
