@@ -34,15 +34,19 @@ def zero_tensor(path: Path, tensor: str) -> None:
 
 def set_uint32_array(path: Path, key: str, values: list[int]) -> None:
     """Overwrite the values of the uint32/int32 metadata array `key` in place (same length)."""
-    layout = read_layout(path)
-    with open(path, "r+b") as f:
-        header = f.read(layout["header_end"])
+    header = _header(path)
     at = _value_at(header, key)
     vtype, etype, count = struct.unpack_from("<IIQ", header, at)
     assert vtype == 9 and etype in (4, 5) and count == len(values), (key, vtype, etype, count)
     with open(path, "r+b") as f:
         f.seek(at + 16)
         f.write(struct.pack(f"<{count}{'I' if etype == 4 else 'i'}", *values))
+
+
+def _header(path: Path) -> bytes:
+    """The GGUF's header and metadata, up to the tensor data's alignment padding."""
+    with open(path, "rb") as f:
+        return f.read(read_layout(path)["header_end"])
 
 
 def _value_at(header: bytes, key: str) -> int:
@@ -54,9 +58,7 @@ def _value_at(header: bytes, key: str) -> int:
 def change_first_string(path: Path, key: str) -> str:
     """Change one character of the first string of the string-array metadata `key` (the tokenizer's
     first token, say) in place, keeping its length; returns the new string."""
-    layout = read_layout(path)
-    with open(path, "rb") as f:
-        header = f.read(layout["header_end"])
+    header = _header(path)
     at = _value_at(header, key)
     vtype, etype, count = struct.unpack_from("<IIQ", header, at)
     assert vtype == 9 and etype == 8 and count > 0, (key, vtype, etype, count)

@@ -14,8 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DOIT = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(ROOT)]
+from conftest import DOIT, ROOT  # this file's folder is sys.path[0]: the tests' own doit command line
 
 
 def run(args: list[str], log: Path, **env) -> int:
