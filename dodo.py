@@ -7,9 +7,11 @@
     doit verify only=demo keep=1    one locked variant; keep the fresh build dir
     doit verify rebuilt=<dir>   compare with a rebuild an earlier verify kept, without rebuilding
     doit publish alloy=demo     stage the repo folder, print what would be uploaded (push=1 uploads)
+    doit push remote=<url>      push what the store holds for the selection to the remote cache
     doit check-cache            hash every artifact in build/store against its manifest
     doit list --all --status    the graph and what is stale
 """
+import os
 import sys
 
 from doit import doit_cmd
@@ -19,13 +21,18 @@ from compiler.errors import ForgeError
 from compiler.graph import compile_graph
 from compiler.paths import build_dir
 from compiler.report import reporter_for
-from compiler.tasks import build_task_names, check_cache_task, publish_task, tasks, verify_task
+from compiler.tasks import build_task_names, check_cache_task, publish_task, push_task, tasks, verify_task
 
 build_dir().mkdir(parents=True, exist_ok=True)
 CLI_VARS = dict(doit_cmd._CMDLINE_VARS or {})
 # Options of verify (only=<variant ids>, keep=1, rebuilt=<kept dir>), publish (push=1) and the lock (lock=1: record
 # command-line experiments in the committed lock), not configuration overrides.
-TASK_OPTIONS = ("only", "keep", "rebuilt", "push", "lock")
+TASK_OPTIONS = ("only", "keep", "rebuilt", "push", "lock", "remote", "remote_readonly")
+# The remote cache (compiler/remote.py): `doit remote=s3://bucket/forge` is FORGE_REMOTE for this run.
+if CLI_VARS.get("remote"):
+    os.environ["FORGE_REMOTE"] = CLI_VARS["remote"]
+if CLI_VARS.get("remote_readonly"):
+    os.environ["FORGE_REMOTE_READONLY"] = CLI_VARS["remote_readonly"]
 
 try:
     PLAN = compile_graph({k: v for k, v in CLI_VARS.items() if k not in TASK_OPTIONS})
@@ -64,6 +71,10 @@ def task_verify():
 
 def task_check_cache():
     return check_cache_task()
+
+
+def task_push():
+    return push_task(PLAN)
 
 
 def task_publish():

@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import memory
+from . import memory, remote
 from .errors import ForgeError, OutOfSpace
 from .paths import build_dir, state_dir, variants_dir
 from .runlog import StepLog
@@ -84,40 +84,75 @@ def _run_step_locked(plan, step, out: Entry) -> None:
     task = step.task
     if out.is_complete():
         print(f"  {task}: already in the store, {out.dir}", flush=True)
-    else:
-        inputs = {role: entry(plan.steps[t]) for role, t in step.inputs}
-        for role, e in inputs.items():
-            require(e, f"input {role} of {task}")
-        ctx = {"toolchain": plan.toolchain, "alloys": who_needs(plan, step)}
-        if step.kind in ("receipt", "envelope", "smoke"):
-            ctx["variant"] = variant_of(plan, step)
-        with Writer(out, step.params, {role: e.key for role, e in inputs.items()}) as w:
-            log = StepLog(w.path(f"{step.basename}.log"), task)
-            started = time.monotonic()
-            try:
-                with memory.reserve(step, inputs):
-                    started = time.monotonic()
-                    stage(step.kind).run(step, w, inputs, log, ctx)
-                w.extra["seconds"] = round(time.monotonic() - started, 2)
-                if log.peak_rss_mib:
-                    w.extra["peak_rss_mib"] = log.peak_rss_mib
-                log(f"done in {w.extra['seconds']:.1f} s")
-            except BaseException as e:
-                log.close()
-                keep_failed_log(task, log.path)
-                if _out_of_space(e, log, out.dir.parent):
-                    # Named as what it is, not as the tool's traceback; the partial folder goes with
-                    # the Writer, so nothing half-written stays.
-                    free = shutil.disk_usage(out.dir.parent).free
-                    raise OutOfSpace("the disk filled up while this step wrote its output (ENOSPC); its partial "
-                                     "output was removed", where=task,
-                                     found=f"{free / 1e9:.2f} GB free in {out.dir.parent} now",
-                                     hint="free space there or point FORGE_BUILD_DIR at a larger disk, then rerun "
-                                          "doit (the preflight counts what a run needs: FORGE_PREFLIGHT must not "
-                                          "be 0)") from None
-                raise
-            finally:
-                log.close()
+        return
+    shared = _remote()
+    if shared is not None and remote.restore(shared, out, task, say=_say):
+        return
+    _build_here(plan, step, out)
+    if shared is not None and shared.writable:
+        try:
+            remote.push(shared, out, task, say=_say, toolchain=plan.toolchain)
+        except remote.RemoteError as e:
+            # The step is built and in the store: a remote that cannot take it now fails nothing;
+            # the next run pushes it (build/.forge/remote-pending/).
+            _say(f"  {task}: {e}; left to push on the next run")
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _remote():
+    """The remote cache FORGE_REMOTE names, or None; one that cannot be opened is said once, and the
+    build goes on without it."""
+    global _REMOTE
+    if _REMOTE is None:
+        try:
+            _REMOTE = (remote.configured(),)
+        except remote.RemoteError as e:
+            _say(f"  remote: {e}; building without it")
+            _REMOTE = (None,)
+    return _REMOTE[0]
+
+
+_REMOTE: tuple | None = None
+
+
+def _build_here(plan, step, out: Entry) -> None:
+    task = step.task
+    inputs = {role: entry(plan.steps[t]) for role, t in step.inputs}
+    for role, e in inputs.items():
+        require(e, f"input {role} of {task}")
+    ctx = {"toolchain": plan.toolchain, "alloys": who_needs(plan, step)}
+    if step.kind in ("receipt", "envelope", "smoke"):
+        ctx["variant"] = variant_of(plan, step)
+    with Writer(out, step.params, {role: e.key for role, e in inputs.items()}) as w:
+        log = StepLog(w.path(f"{step.basename}.log"), task)
+        started = time.monotonic()
+        try:
+            with memory.reserve(step, inputs):
+                started = time.monotonic()
+                stage(step.kind).run(step, w, inputs, log, ctx)
+            w.extra["seconds"] = round(time.monotonic() - started, 2)
+            if log.peak_rss_mib:
+                w.extra["peak_rss_mib"] = log.peak_rss_mib
+            log(f"done in {w.extra['seconds']:.1f} s")
+        except BaseException as e:
+            log.close()
+            keep_failed_log(task, log.path)
+            if _out_of_space(e, log, out.dir.parent):
+                # Named as what it is, not as the tool's traceback; the partial folder goes with
+                # the Writer, so nothing half-written stays.
+                free = shutil.disk_usage(out.dir.parent).free
+                raise OutOfSpace("the disk filled up while this step wrote its output (ENOSPC); its partial "
+                                 "output was removed", where=task,
+                                 found=f"{free / 1e9:.2f} GB free in {out.dir.parent} now",
+                                 hint="free space there or point FORGE_BUILD_DIR at a larger disk, then rerun "
+                                      "doit (the preflight counts what a run needs: FORGE_PREFLIGHT must not "
+                                      "be 0)") from None
+            raise
+        finally:
+            log.close()
 
 
 # What tools say when a write finds no room: the C library's ENOSPC text, numpy's tofile (the

@@ -23,6 +23,25 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
+def _finish_pushes(write) -> None:
+    """Pushes an earlier run left undone (killed mid-push, or the remote was down): completed at the
+    end of any run that has a writable remote. Nothing pending: nothing asked, no network."""
+    from . import remote
+
+    if not remote.pending():
+        return
+    try:
+        shared = remote.configured()
+    except remote.RemoteError:
+        return
+    if shared is None or not shared.writable:
+        return
+    try:
+        remote.push_pending(shared, say=lambda line: write(line + "\n"))
+    except remote.RemoteError as e:
+        write(f"  remote: {e}; left to push on the next run\n")
+
+
 class ForgeReporter(ConsoleReporter):
     desc = "forge: each failure once, then a line per variant"
     plan = None  # set by reporter_for()
@@ -49,6 +68,7 @@ class ForgeReporter(ConsoleReporter):
 
     def complete_run(self):
         super().complete_run()  # doit's own runtime errors, if any
+        _finish_pushes(self.write)
         if self.plan is None or not (self.ran or self.current or self.failed or self.waiting):
             return
         lines = []

@@ -187,6 +187,41 @@ def check_cache_task() -> dict:
             "uptodate": [False], "verbosity": 2}
 
 
+def push_task(plan) -> dict:
+    """`doit push`: every complete store entry of the selected variants to the remote cache (a machine
+    that built before a remote was configured, or whose pushes were cut), files first, records last."""
+    def action():
+        from doit.exceptions import TaskFailed
+
+        from . import remote
+
+        try:
+            shared = remote.configured()
+        except remote.RemoteError as e:
+            return TaskFailed(str(e))
+        if shared is None:
+            return TaskFailed("push: no remote cache is configured (FORGE_REMOTE=<url> or doit remote=<url>)")
+        if not shared.writable:
+            return TaskFailed(f"push: the remote cache {shared.name} is read-only here (FORGE_REMOTE_READONLY)")
+        counts: dict = {}
+        try:
+            for step in plan.steps.values():
+                out = Entry(step.kind, step.key)
+                if out.kind in remote.NOT_CACHED or not out.is_complete():
+                    continue
+                result = remote.push(shared, out, step.task, toolchain=plan.toolchain)
+                counts[result] = counts.get(result, 0) + 1
+            for result, n in remote.push_pending(shared).items():
+                counts[result] = counts.get(result, 0) + n
+        except remote.RemoteError as e:
+            return TaskFailed(f"push: {e} (what was pushed stays; `doit push` again completes it)")
+        print(f"  push: {shared.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        return TaskFailed("push: reproducibility conflicts (above)") if counts.get("conflict") else None
+
+    return {"basename": "push", "doc": "push the selected variants' store entries to the remote cache (FORGE_REMOTE)",
+            "actions": [action], "uptodate": [False], "verbosity": 2}
+
+
 def tasks(plan, record_experiments: bool = False):
     yield toolchain_task(plan)
     groups = {}

@@ -121,6 +121,8 @@ def verify_variant(vid: str, entry: dict, fresh: Path, log) -> dict:
     makers = [variant.steps[r] for r in ("quantize", "projector") if r in variant.steps]
     targets = [s.task for s in makers]
     env = {**os.environ, "FORGE_BUILD_DIR": str(fresh), "FORGE_PINNED_REVISIONS": json.dumps(pins)}
+    # A rebuild from nothing: nothing restored from a remote cache, nothing pushed to it.
+    env.pop("FORGE_REMOTE", None)
     cmd = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "--dir", str(ROOT), *targets,
            *[f"{k}={v}" for k, v in cli.items()]]
     log(f"  rebuilding {', '.join(targets)} in {fresh}")
