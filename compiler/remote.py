@@ -94,7 +94,7 @@ class Remote:
         try:
             self.fs, root = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as e:
-            raise RemoteError(f"FORGE_REMOTE={display(self.url)}: {e}") from None
+            raise RemoteError(_safe(f"FORGE_REMOTE={display(self.url)}: {e}", (urlsplit(self.url).password,))) from None
         self.root = root.rstrip("/")
         self.local = "file" in _protocols(self.fs)
 
@@ -122,7 +122,7 @@ class Remote:
             return json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as e:
+        except Exception as e:  # botocore's connection errors are not OSErrors
             if _missing(e):
                 return None
             raise self._err(f"reading the record of {kind}/{key}", e) from None
@@ -152,7 +152,7 @@ class Remote:
                         break
         except FileNotFoundError:
             raise CorruptBlob("missing from the remote") from None
-        except OSError as e:
+        except Exception as e:
             if _missing(e):
                 raise CorruptBlob("missing from the remote") from None
             raise self._err(f"downloading blob {sha[:12]}", e) from None
@@ -174,7 +174,7 @@ class Remote:
                 return False
         except FileNotFoundError:
             pass
-        except OSError as e:
+        except Exception as e:
             if not _missing(e):
                 raise self._err(f"looking up blob {sha[:12]}", e) from None
         try:
@@ -187,7 +187,7 @@ class Remote:
                 self.fs.put_file(str(path), target, chunksize=part_size())
             else:
                 self.fs.put_file(str(path), target)
-        except OSError as e:
+        except Exception as e:
             raise self._err(f"uploading {path.name}", e) from None
         return True
 
@@ -217,7 +217,7 @@ class Remote:
             return True
         except FileExistsError:
             return False
-        except OSError as e:
+        except Exception as e:
             if "PreconditionFailed" in str(e) or "pre-conditions" in str(e):
                 return False
             raise self._err(f"writing {path.removeprefix(self.root + '/')}", e) from None
@@ -304,7 +304,7 @@ def restore(remote: Remote, entry, task: str, say=print) -> bool:
             # So that this machine's push (same key, its own verified bytes) replaces it.
             try:
                 remote.fs.rm_file(remote.blob_path(bad["sha256"]))
-            except OSError:
+            except Exception:  # best effort: a blob left there is refused again by the next machine
                 pass
         return False
     except RemoteError as e:

@@ -124,13 +124,14 @@ def s3(tmp_path_factory):
 
             fs = s3fs.S3FileSystem(skip_instance_cache=True)
             fs.mkdir("forge-remote")
-            yield {"env": env, "fs": fs, "url": "s3://forge-remote/cache", "outputs": []}
+            yield {"env": env, "fs": fs, "url": "s3://forge-remote/cache", "outputs": [], "machines": []}
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
 
 
 def s3_doit(s3, ws, *args, **env):
+    s3["machines"].append(ws.root)
     run = doit(ws, *args, f"remote={s3['url']}", **s3["env"], **env)
     s3["outputs"].append(run.out)
     return run
@@ -239,13 +240,36 @@ def test_other_bytes_for_a_pushed_step_are_reported_naming_both_machines_and_nev
     assert (e.build / "logs" / "remote-conflicts.jsonl").is_file()
 
 
+def test_an_unreachable_remote_builds_here_and_the_push_waits_for_the_next_run(tmp_path, s3, machine_c):
+    # Machine F has everything but the demo's quantization; its remote cannot be reached.
+    store = machine_c.build / "store"
+    f = machine(tmp_path, "machine-f", store, tuple(p.name for p in store.iterdir()))
+    key = machine_c.keys["quantize"]
+    shutil.rmtree(f.build / "store" / "quantize" / key)
+    down = {**s3["env"], "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1"}
+    s3["machines"].append(f.root)
+    run = doit(f, "alloy=demo", f"remote={s3['url']}", **down)
+    s3["outputs"].append(run.out)
+    assert_ok(run)
+    assert f"quantize:demo: remote s3://forge-remote/cache: reading the record of quantize/{key}" in run.out
+    assert "building it here" in run.out and "left to push on the next run" in run.out
+    assert [line.split(": done in")[0].strip() for line in ran(run)] == ["quantize:demo"]
+    marker = f.build / ".forge" / "remote-pending" / f"quantize--{key}"
+    assert marker.is_file()
+    # Back on line: a run with nothing to build finishes the push (the same bytes: nothing to report).
+    again = s3_doit(s3, f, "alloy=demo")
+    assert_ok(again)
+    assert again.executed == set() and not marker.exists() and "CONFLICT" not in again.out
+
+
 def test_no_credential_in_any_output_record_or_file(s3, machine_c):
     # Runs after the others in this module (pytest keeps file order): everything they printed, every
     # file the machines wrote (text ones) and every record and report on the remote.
     assert len(s3["outputs"]) >= 4
     for out in s3["outputs"]:
         assert SECRET not in out and KEY_ID not in out
-    for root in (machine_c.root,):
+    assert len(set(s3["machines"])) >= 4  # machines c, d, e, f
+    for root in set(s3["machines"]):
         for p in root.rglob("*"):
             if p.is_file() and p.suffix in (".json", ".jsonl", ".log", ".txt", ".yaml", ""):
                 text = p.read_bytes()
