@@ -44,6 +44,13 @@ from .paths import build_dir, state_dir
 # Where a step's bytes come from elsewhere anyway: a Hub download is the Hub's (and its licence's),
 # a local checkpoint is a folder on this machine. Everything made from them travels.
 NOT_CACHED = frozenset({"hub", "local"})
+# Steps whose bytes are a function of their key: the same key built anywhere gives the same files
+# (tests/test_record.py holds the build to it), so other bytes there are a reproducibility conflict.
+# Every other kind records a measurement or an attestation (seconds, tokens/s, peak memory, the
+# receipt's time of writing): a second machine's record of it differs by nature, and the first one
+# recorded stands.
+REPRODUCIBLE = frozenset({"synthetic", "convert", "mmproj", "mtp-draft", "imatrix", "quantize", "mmproj-quantize",
+                          "kld-base"})
 CHUNK = 8 << 20
 
 
@@ -361,6 +368,11 @@ def push(remote: Remote, entry, task: str, say=print, toolchain: str | None = No
         if uploaded:
             say(f"  {task}: already recorded on {remote.name}; {_size(uploaded)} of its files were missing there "
                 f"and are uploaded again")
+        return "present"
+    if entry.kind not in REPRODUCIBLE:
+        say(f"  {task}: {remote.name} already holds {theirs.get('producer', {}).get('machine', '?')}'s record of this "
+            f"step; this machine's differs as a {entry.kind} record does between runs (timings, time of writing): "
+            f"theirs stands")
         return "present"
     _conflict(remote, entry, task, theirs, record, mine, there, say)
     return "conflict"

@@ -213,29 +213,39 @@ def test_a_push_killed_midway_leaves_no_record_and_the_next_run_completes_it(s3,
 
 def test_other_bytes_for_a_pushed_step_are_reported_naming_both_machines_and_never_overwrite(tmp_path, s3, machine_c):
     fs = s3["fs"]
-    key = machine_c.keys["gate"]
+    key = machine_c.keys["imatrix"]
     fs.invalidate_cache()
-    before = fs.cat_file(f"forge-remote/cache/ac/gate/{key}.json")
-    # Machine E made the same step (same key) with other bytes: its gate report differs.
+    before = fs.cat_file(f"forge-remote/cache/ac/imatrix/{key}.json")
+    # Machine E made the same importance matrix (same key) with other bytes: one changed byte.
     e = machine(tmp_path, "machine-e")
-    src = machine_c.build / "store" / "gate" / key
-    dest = e.build / "store" / "gate" / key
-    shutil.copytree(src, dest)
-    report = next(p for p in dest.iterdir() if p.suffix == ".json" and p.name != "manifest.json")
-    report.write_text(report.read_text().replace("{", '{"nondeterministic": true, ', 1))
+    dest = e.build / "store" / "imatrix" / key
+    shutil.copytree(machine_c.build / "store" / "imatrix" / key, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
-    for f in manifest["files"]:
-        if f["filename"] == report.name:
-            f["sha256"], f["size"] = sha256(report), report.stat().st_size
+    name = manifest["files"][0]["filename"]
+    data = bytearray((dest / name).read_bytes())
+    data[-1] ^= 0x01
+    (dest / name).write_bytes(bytes(data))
+    manifest["files"][0]["sha256"] = sha256(dest / name)
     (dest / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    # ...and measured the same gate again (its report differs by nature: not a conflict).
+    gate = machine_c.keys["gate"]
+    shutil.copytree(machine_c.build / "store" / "gate" / gate, e.build / "store" / "gate" / gate)
+    gate_dir = e.build / "store" / "gate" / gate
+    gm = json.loads((gate_dir / "manifest.json").read_text())
+    report = gate_dir / gm["files"][0]["filename"]
+    report.write_text(report.read_text() + " ")
+    gm["files"][0].update(sha256=sha256(report), size=report.stat().st_size)
+    (gate_dir / "manifest.json").write_text(json.dumps(gm, indent=2, sort_keys=True) + "\n")
 
     run = s3_doit(s3, e, "push", "alloy=demo")
     assert run.proc.returncode != 0
-    assert f"REPRODUCIBILITY CONFLICT in the remote cache s3://forge-remote/cache: step gate/{key}" in run.out
-    assert "built by machine-c" in run.out and "by machine-e" in run.out and report.name in run.out
+    assert f"REPRODUCIBILITY CONFLICT in the remote cache s3://forge-remote/cache: step imatrix/{key}" in run.out
+    assert "built by machine-c" in run.out and "by machine-e" in run.out and name in run.out
+    assert f"gate:demo: s3://forge-remote/cache already holds machine-c's record of this step" in run.out
+    assert "step gate/" not in run.out and "1 conflict" in run.out
     fs.invalidate_cache()
-    assert fs.cat_file(f"forge-remote/cache/ac/gate/{key}.json") == before  # theirs kept, byte for byte
-    (kept,) = fs.ls(f"forge-remote/cache/conflicts/gate/{key}", detail=False)
+    assert fs.cat_file(f"forge-remote/cache/ac/imatrix/{key}.json") == before  # theirs kept, byte for byte
+    (kept,) = fs.ls(f"forge-remote/cache/conflicts/imatrix/{key}", detail=False)
     assert json.loads(fs.cat_file(kept))["other"]["producer"]["machine"] == "machine-e"
     assert (e.build / "logs" / "remote-conflicts.jsonl").is_file()
 
