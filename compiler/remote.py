@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from .paths import build_dir, state_dir
+from .paths import build_dir, keep_state, state_dir
 
 # Where a step's bytes come from elsewhere anyway: a Hub download is the Hub's (and its licence's),
 # a local checkpoint is a folder on this machine. Everything made from them travels.
@@ -335,9 +335,7 @@ def _note_restored(entry, record: dict) -> None:
     except (OSError, ValueError):
         data = {}
     data[f"{entry.kind}/{entry.key}"] = record.get("producer", {})
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    keep_state("restored.json", data)
 
 
 def push(remote: Remote, entry, task: str, say=print, toolchain: str | None = None) -> str:
